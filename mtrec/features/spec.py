@@ -1,0 +1,236 @@
+"""Declarative feature and label spec, loaded from YAML.
+
+The spec is the only place that knows the log's column names. A team whose logs use other names or other behaviour
+types writes a new YAML; no code changes. Example (see ``configs/features/behaviour_logs.yaml``)::
+
+    tables:
+      - {name: item, num_buckets: 200000, dim: 16}
+    sparse:
+      - {name: item_id, column: item_id, table: item}
+    sequences:
+      - {name: click_seq, column: click_seq, behaviour: click, table: item, max_length: 20}
+    dense:
+      - {name: price, column: price, transform: log1p, min: 0}
+    tasks:
+      - {name: ctr, label: click, kind: binary}
+      - {name: cvr, label: conversion, kind: binary, esmm_parent: ctr}
+      - {name: dwell, label: dwell_seconds, kind: regression, given: ctr, label_transform: log1p, min: 0}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A feature spec that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdType(StrEnum):
+    """Physical type of an id column in the logs. Both are hashed into buckets."""
+
+    int = "int"
+    string = "string"
+
+
+class TableSpec(_Strict):
+    """One embedding table. Several features may share it (sequence item ids share the item table)."""
+
+    name: str
+    num_buckets: int = Field(gt=0, description="rows of the table; ids are hashed into [0, num_buckets)")
+    dim: int = Field(gt=0, description="embedding dimension")
+
+
+class SparseFeature(_Strict):
+    """A single-valued categorical id (user, item, seller, device, ...)."""
+
+    name: str
+    column: str
+    table: str
+    id_type: IdType = IdType.int
+    role: Literal["user", "item", "seller", "context", "other"] = "other"
+
+
+class SequenceFeature(_Strict):
+    """A behaviour sequence: list of ids of one behaviour type, newest first, truncated to ``max_length``."""
+
+    name: str
+    column: str
+    behaviour: str = Field(description="behaviour type, e.g. click, cart, purchase")
+    table: str
+    max_length: int = Field(gt=0)
+    id_type: IdType = IdType.int
+
+
+class DenseFeature(_Strict):
+    """A numeric feature. Standardised with statistics computed on the training window."""
+
+    name: str
+    column: str
+    transform: Literal["none", "log1p"] = "none"
+    normalize: Literal["standard", "none"] = "standard"
+    min: float | None = Field(default=None, description="rows below are quarantined")
+    max: float | None = Field(default=None, description="rows above are quarantined")
+    fill_null: float | None = Field(default=None, description="value for nulls; when unset, null rows are quarantined")
+
+
+class TaskKind(StrEnum):
+    binary = "binary"
+    regression = "regression"
+
+
+class TaskSpec(_Strict):
+    """A prediction task: its label, kind, sample space and loss weight.
+
+    ``given: <task>`` restricts the task to rows where that binary task's label is 1 (dwell is only observed after a
+    click). ``esmm_parent: <task>`` makes the task an ESMM child: the model predicts p(child | parent), the loss is on
+    p(parent) * p(child) against parent AND child over all rows (entire space), and evaluation reports the child's AUC
+    on the parent's positives plus the product's AUC on all rows.
+    """
+
+    name: str
+    label: str
+    kind: TaskKind
+    given: str | None = None
+    esmm_parent: str | None = None
+    loss_weight: float = Field(default=1.0, ge=0)
+    label_transform: Literal["none", "log1p"] = "none"
+    min: float | None = Field(default=None, description="regression labels below are quarantined")
+    max: float | None = Field(default=None, description="regression labels above are quarantined")
+
+    @model_validator(mode="after")
+    def _one_space(self) -> TaskSpec:
+        if self.given and self.esmm_parent:
+            raise ValueError("set at most one of 'given' and 'esmm_parent'")
+        if self.esmm_parent and self.kind != TaskKind.binary:
+            raise ValueError("an ESMM child ('esmm_parent') must be a binary task")
+        return self
+
+
+class KeyColumns(_Strict):
+    """Columns that identify a row; not features."""
+
+    request_id: str = "request_id"
+    user_id: str = "user_id"
+    timestamp: str = "ts"
+
+
+class FeatureSpec(_Strict):
+    """The whole spec: tables, features and tasks."""
+
+    keys: KeyColumns = KeyColumns()
+    tables: list[TableSpec]
+    sparse: list[SparseFeature] = []
+    sequences: list[SequenceFeature] = []
+    dense: list[DenseFeature] = []
+    tasks: list[TaskSpec]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureSpec:
+        tables = {t.name for t in self.tables}
+        if len(tables) != len(self.tables):
+            raise ValueError("table names must be unique")
+        names = [f.name for f in self.sparse] + [f.name for f in self.sequences] + [f.name for f in self.dense]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"feature names must be unique, repeated: {sorted(dup)}")
+        for i, f in enumerate([*self.sparse, *self.sequences]):
+            if f.table not in tables:
+                raise ValueError(f"feature '{f.name}' (#{i}) uses table '{f.table}', which is not in 'tables'")
+        used = {f.table for f in [*self.sparse, *self.sequences]}
+        unused = tables - used
+        if unused:
+            raise ValueError(f"tables not used by any feature: {sorted(unused)}")
+        task_names = [t.name for t in self.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError("task names must be unique")
+        if not self.tasks:
+            raise ValueError("at least one task is required")
+        by_name = {t.name: t for t in self.tasks}
+        for t in self.tasks:
+            ref = t.given or t.esmm_parent
+            if ref is None:
+                continue
+            if ref not in by_name:
+                raise ValueError(f"task '{t.name}' refers to unknown task '{ref}'")
+            if by_name[ref].kind != TaskKind.binary or by_name[ref].given or by_name[ref].esmm_parent:
+                raise ValueError(f"task '{t.name}' refers to '{ref}', which must be a binary task over all rows")
+        # Tables read by sequences are looked up unpooled (EmbeddingCollection), which needs one dimension.
+        seq_tables = {f.table for f in self.sequences}
+        dims = {t.dim for t in self.tables if t.name in seq_tables}
+        if len(dims) > 1:
+            raise ValueError(f"tables used by sequences must share one 'dim', got {sorted(dims)} for {sorted(seq_tables)}")
+        return self
+
+    # ---- derived views -------------------------------------------------------------------------------------------
+    def table(self, name: str) -> TableSpec:
+        return next(t for t in self.tables if t.name == name)
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+    @property
+    def sequence_tables(self) -> list[TableSpec]:
+        """Tables looked up unpooled: those read by any sequence (their single-valued features too)."""
+        names = {f.table for f in self.sequences}
+        return [t for t in self.tables if t.name in names]
+
+    @property
+    def pooled_tables(self) -> list[TableSpec]:
+        names = {f.table for f in self.sequences}
+        return [t for t in self.tables if t.name not in names]
+
+    @property
+    def sparse_keys(self) -> list[str]:
+        """KeyedJaggedTensor keys, in order: single-valued ids, then sequences."""
+        return [f.name for f in self.sparse] + [f.name for f in self.sequences]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(dict.fromkeys(t.label for t in self.tasks))
+
+    @property
+    def behaviours(self) -> list[str]:
+        return list(dict.fromkeys(f.behaviour for f in self.sequences))
+
+    def fingerprint(self) -> str:
+        """Stable hash of the spec's content, for tags and cache keys."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid feature spec {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_feature_spec(data: object, source: str = "<dict>") -> FeatureSpec:
+    try:
+        return FeatureSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(source, err)) from None
+
+
+def load_feature_spec(path: str | Path) -> FeatureSpec:
+    """Load and validate a spec; errors name the file and the field path."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"feature spec not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"feature spec {path} is not valid YAML: {err}") from None
+    return parse_feature_spec(data, str(path))
