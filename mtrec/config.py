@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtrec.features.spec import FeatureSpec, load_feature_spec
+from mtrec.models.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -39,24 +40,23 @@ class GeneratorConfig(_Strict):
     num_sellers: int = Field(default=2_000, gt=0)
     latent_dim: int = Field(default=8, gt=0)
     files_per_day: int = Field(default=2, gt=0)
-    conflict: float = Field(default=0.5, ge=0, le=1, description="share/strength of click-bait items: 0 = aligned tasks")
+    conflict: float = Field(
+        default=0.5, ge=0, le=1, description="share/strength of click-bait items: 0 = aligned tasks"
+    )
     max_seq_length: int = Field(default=50, gt=0, description="cap on each behaviour sequence written to the logs")
 
 
 class DataConfig(_Strict):
     path: Path = Field(default=Path("runs/demo/logs"), description="root of dt=YYYY-MM-DD/part-*.parquet")
     oracle_path: Path | None = Field(default=None, description="oracle Parquet (request id -> true probabilities)")
-    train_days: int | None = Field(default=None, ge=1, description="last N partitions before the eval window; all if unset")
+    oracle_columns: dict[str, str] = Field(
+        default_factory=dict, description="prediction name (task, or parent_child for ESMM) -> oracle column"
+    )
+    train_days: int | None = Field(
+        default=None, ge=1, description="last N partitions before the eval window; all if unset"
+    )
     eval_days: int = Field(default=1, ge=1)
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
-
-
-class ModelConfig(_Strict):
-    architecture: Literal["shared_bottom"] = "shared_bottom"
-    bottom_mlp: list[int] = [128, 64]
-    tower_mlp: list[int] = [32]
-    sequence_pooling: Literal["mean"] = "mean"
-    dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
 class TrainConfig(_Strict):
@@ -108,7 +108,9 @@ class ExperimentConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of the resolved config and the feature spec's content (paths excluded, they differ per machine)."""
-        body = self.model_dump(mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True})
+        body = self.model_dump(
+            mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True}
+        )
         body["feature_spec"] = self.feature_spec().fingerprint()
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 

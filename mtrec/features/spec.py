@@ -145,10 +145,11 @@ class FeatureSpec(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"feature names must be unique, repeated: {sorted(dup)}")
-        for i, f in enumerate([*self.sparse, *self.sequences]):
+        id_features: list[SparseFeature | SequenceFeature] = [*self.sparse, *self.sequences]
+        for i, f in enumerate(id_features):
             if f.table not in tables:
                 raise ValueError(f"feature '{f.name}' (#{i}) uses table '{f.table}', which is not in 'tables'")
-        used = {f.table for f in [*self.sparse, *self.sequences]}
+        used = {f.table for f in id_features}
         unused = tables - used
         if unused:
             raise ValueError(f"tables not used by any feature: {sorted(unused)}")
@@ -170,7 +171,9 @@ class FeatureSpec(_Strict):
         seq_tables = {f.table for f in self.sequences}
         dims = {t.dim for t in self.tables if t.name in seq_tables}
         if len(dims) > 1:
-            raise ValueError(f"tables used by sequences must share one 'dim', got {sorted(dims)} for {sorted(seq_tables)}")
+            raise ValueError(
+                f"tables used by sequences must share one 'dim', got {sorted(dims)} for {sorted(seq_tables)}"
+            )
         return self
 
     # ---- derived views -------------------------------------------------------------------------------------------

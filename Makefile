@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (set up if needed, run the whole pipeline) and `make test`.
+PY ?= .venv/bin/python
+CONFIG ?= configs/experiments/demo.yaml
+
+.PHONY: setup setup-gpu demo test test-fast lint typecheck bench clean
+
+.venv/.installed: scripts/install.sh requirements/*.txt pyproject.toml
+	bash scripts/install.sh
+	touch $@
+
+setup: .venv/.installed
+
+setup-gpu:  ## CUDA machines: CUDA fbgemm-gpu of the same release instead of fbgemm-gpu-cpu
+	TARGET=gpu bash scripts/install.sh
+	touch .venv/.installed
+
+demo: setup
+	$(PY) -m mtrec.jobs.cli run --config $(CONFIG) --generate
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: setup
+	.venv/bin/ruff check mtrec tests benchmarks
+	.venv/bin/ruff format --check mtrec tests benchmarks || true
+
+typecheck: setup
+	.venv/bin/mypy
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
