@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mtrec.features.spec import FeatureSpec, load_feature_spec
 from mtrec.models.config import ModelConfig
@@ -59,6 +59,17 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
 
 
+ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+
+
+class ShardingConfig(_Strict):
+    """TorchRec planner inputs. ``tables`` pins a table to sharding types (the planner picks among them); tables not
+    listed are the planner's choice. ``memory_per_worker_gb`` caps what the planner may place on one worker."""
+
+    tables: dict[str, list[ShardingType]] = Field(default_factory=dict)
+    memory_per_worker_gb: float | None = Field(default=None, gt=0)
+
+
 class TrainConfig(_Strict):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
@@ -73,6 +84,12 @@ class TrainConfig(_Strict):
     shuffle: Literal["none", "local"] = "local"
     local_shuffle_buffer: int = Field(default=20_000, gt=0)
     max_steps: int | None = Field(default=None, ge=1, description="stop early (tests, smoke runs)")
+    checkpoint_every_steps: int | None = Field(default=None, ge=1, description="also checkpoint at each epoch end")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(
+        default=0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
+    )
+    sharding: ShardingConfig = ShardingConfig()
 
 
 class EvalConfig(_Strict):
@@ -86,6 +103,76 @@ class MlflowConfig(_Strict):
     model_name: str = "mtrec-multitask"
 
 
+# Metrics the promotion gate understands, and which way is better: higher (AUC), lower (losses), or nearer 1.
+GATE_METRICS: dict[str, Literal["higher", "lower", "one"]] = {
+    "auc": "higher",
+    "gauc": "higher",
+    "logloss": "lower",
+    "rmse": "lower",
+    "calibration": "one",
+}
+
+
+class PromotionConfig(_Strict):
+    """The promotion gate: a challenger replaces the champion only if no gated metric regresses by more than allowed.
+
+    ``thresholds`` maps ``<evaluation name>.<metric>`` (``ctr.auc``, ``ctr_cvr.auc``, ``dwell.rmse``) to the largest
+    allowed drop, in the metric's own units: AUC may fall by at most that much, RMSE/logloss rise by at most that
+    much, calibration move away from 1 by at most that much. ``*.<metric>`` applies to every evaluation name that has
+    the metric and no explicit entry. A named entry whose evaluation name is missing fails the gate.
+    """
+
+    thresholds: dict[str, float] = Field(default_factory=lambda: {"*.auc": 0.005, "*.gauc": 0.005, "*.rmse": 0.01})
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, drop in value.items():
+            name, _, metric = key.rpartition(".")
+            if not name or metric not in GATE_METRICS:
+                raise ValueError(f"'{key}' must be <evaluation name or *>.<{'|'.join(GATE_METRICS)}>")
+            if drop < 0:
+                raise ValueError(f"'{key}': the allowed drop must be >= 0, got {drop}")
+        return value
+
+
+class RegistryConfig(_Strict):
+    """Talking to the registry: the register and promote stages retry the whole (idempotent) stage on connection
+    errors, sleeping ``backoff_s``, 2x, 4x ... (at most ``max_backoff_s``) between attempts."""
+
+    retries: int = Field(default=5, ge=0, description="attempts after the first, on connection errors only")
+    backoff_s: float = Field(default=10.0, ge=0)
+    max_backoff_s: float = Field(default=120.0, ge=0)
+    http_request_retries: int = Field(
+        default=2, ge=0, description="MLflow's own per-request retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES if unset)"
+    )
+    http_timeout_s: int = Field(default=120, gt=0, description="per request (MLFLOW_HTTP_REQUEST_TIMEOUT if unset)")
+
+
+class DailyConfig(_Strict):
+    """``mtrec daily``: train on the last ``train_days`` partitions before the evaluation day, warm-started from the
+    champion, register a challenger, run the promotion gate, write a report. One folder per day under ``run_root``."""
+
+    train_days: int = Field(default=7, ge=1)
+    warm_start: bool = Field(default=True, description="start from the champion's weights when it is compatible")
+    run_root: Path | None = Field(default=None, description="unset: <run_dir>/daily")
+
+
+class SubmitConfig(_Strict):
+    """``mtrec submit``: run a command of this CLI as a Ray job on a cluster (Ray Jobs API, the dashboard address).
+
+    Put no secrets in ``runtime_env``: Ray stores it with the job, visible in the dashboard. Clusters get credentials
+    from their own environment (e.g. a Kubernetes Secret, see infra/)."""
+
+    address: str | None = Field(
+        default=None, description="http://<head>:8265; unset: RAY_API_SERVER_ADDRESS, then an http RAY_ADDRESS"
+    )
+    entrypoint: str = Field(default="mtrec", description="how the cluster invokes this CLI")
+    runtime_env: dict[str, Any] = Field(default_factory=lambda: {"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    entrypoint_num_cpus: float | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="stop following (not the job) after this long")
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     run_dir: Path = Path("runs/demo")
@@ -96,6 +183,10 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    registry: RegistryConfig = RegistryConfig()
+    daily: DailyConfig = DailyConfig()
+    submit: SubmitConfig = SubmitConfig()
 
     def feature_spec(self) -> FeatureSpec:
         return load_feature_spec(self.features)
@@ -108,8 +199,11 @@ class ExperimentConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of the resolved config and the feature spec's content (paths excluded, they differ per machine)."""
+        # Operational sections (gate, retries, scheduling, submission) do not change what is trained: left out, so
+        # the hash of a config is the same as before they existed and a retry setting never looks like a new model.
+        operational = {name: True for name in ("promotion", "registry", "daily", "submit")}
         body = self.model_dump(
-            mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True}
+            mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True, **operational}
         )
         body["feature_spec"] = self.feature_spec().fingerprint()
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]

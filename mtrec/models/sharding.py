@@ -11,7 +11,8 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -35,23 +36,91 @@ def embedding_sharders(optimizer: str, learning_rate: float) -> list[ModuleShard
     ]
 
 
+class ShardingPlanError(RuntimeError):
+    """The planner could not place the tables; the message names the table and the memory it needs."""
+
+
+_OPTIMIZER_STATE_FACTOR = {"rowwise_adagrad": 0.0, "adam": 2.0, "sgd": 0.0}  # per-element state beyond the weights
+
+
+def table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
+    """Weights plus optimizer state of one fp32 table (row-wise Adagrad keeps one float per row)."""
+    rowwise = num_rows * 4 if optimizer == "rowwise_adagrad" else 0
+    return int(num_rows * dim * 4 * (1.0 + _OPTIMIZER_STATE_FACTOR[optimizer]) + rowwise)
+
+
 def shard_model(
     model: nn.Module,
     device: torch.device,
     sharders: list[ModuleSharder[nn.Module]],
     local_world_size: int | None = None,
+    table_sharding: dict[str, list[str]] | None = None,
+    memory_per_worker_gb: float | None = None,
+    table_sizes: dict[str, tuple[int, int]] | None = None,
+    optimizer: str = "rowwise_adagrad",
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Plan collectively (every rank gets the same plan) and wrap in DMP, which materialises meta parameters."""
+    """Plan collectively (every rank gets the same plan) and wrap in DMP, which materialises meta parameters.
+
+    ``table_sharding`` restricts tables to sharding types; ``memory_per_worker_gb`` caps a worker's memory for the
+    planner; ``table_sizes`` (table -> (rows, dim)) lets a failed plan name the table that does not fit. A table the
+    planner leaves out of the plan is an error, never a silent drop.
+    """
     world_size = dist.get_world_size()
+    cap = int(memory_per_worker_gb * 1024**3) if memory_per_worker_gb else None
     topology = Topology(
         world_size=world_size,
         compute_device=device.type,
         local_world_size=local_world_size or world_size,
+        **({"hbm_cap": cap} if cap and device.type == "cuda" else {}),
+        **({"ddr_cap": cap} if cap and device.type != "cuda" else {}),
     )
-    planner = EmbeddingShardingPlanner(topology=topology)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    constraints = {
+        name: ParameterConstraints(sharding_types=list(types)) for name, types in (table_sharding or {}).items()
+    }
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    try:
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    except PlannerError as err:
+        raise ShardingPlanError(
+            _explain_plan_failure(table_sizes or {}, table_sharding or {}, cap, world_size, optimizer, err)
+        ) from err
+    planned = set(describe_plan(plan))
+    missing = sorted(set(table_sizes or {}) - planned)
+    if missing:
+        raise ShardingPlanError(f"the sharding plan leaves out tables {missing}; refusing to train without them")
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     return dmp, plan
+
+
+def _explain_plan_failure(
+    sizes: dict[str, tuple[int, int]],
+    pinned: dict[str, list[str]],
+    cap: int | None,
+    world_size: int,
+    optimizer: str,
+    err: Exception,
+) -> str:
+    gib = 1024**3
+    need = {name: table_bytes(rows, dim, optimizer) for name, (rows, dim) in sizes.items()}
+    lines = [f"the TorchRec planner could not place the embedding tables on {world_size} worker(s)"]
+    if cap is not None:
+        lines[0] += f" with {cap / gib:.2f} GiB each (train.sharding.memory_per_worker_gb)"
+    unsplittable = {"table_wise", "data_parallel"}
+    for name, nbytes in sorted(need.items(), key=lambda kv: -kv[1]):
+        types = set(pinned.get(name, []))
+        whole_on_one = bool(types) and types <= unsplittable
+        if cap is not None and (nbytes > cap * world_size or (whole_on_one and nbytes > cap)):
+            how = f"pinned to {sorted(types)}, so one worker must hold it" if whole_on_one else "across all workers"
+            lines.append(f"table '{name}' needs {nbytes / gib:.2f} GiB (weights + optimizer state), {how}")
+    if len(lines) == 1:
+        total = sum(need.values())
+        lines.append(
+            f"tables need {total / gib:.2f} GiB in all: "
+            + ", ".join(f"'{n}' {b / gib:.3f} GiB" for n, b in sorted(need.items(), key=lambda kv: -kv[1])[:5])
+        )
+    lines.append("use row_wise/column_wise sharding, more workers, fewer buckets, or more memory per worker")
+    lines.append(f"planner said: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    return "\n".join(lines)
 
 
 def dense_optimizer(model: nn.Module, lr: float) -> KeyedOptimizerWrapper:

@@ -123,6 +123,9 @@ def ingest(cfg: ExperimentConfig) -> IngestResult:
     """Validate the training and evaluation windows of ``cfg.data.path`` into ``cfg.run_dir``."""
     import ray
 
+    from mtrec.pipeline.runtime import ensure_ray
+
+    ensure_ray(cfg)  # before any Ray Data call, which would otherwise start a default-sized local Ray
     spec = cfg.feature_spec()
     partitions = discover_partitions(cfg.data.path)
     train_dates, eval_dates = split_windows(list(partitions), cfg.data.train_days, cfg.data.eval_days)

@@ -22,7 +22,7 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
         return
     # Locally, the training workers hold cpus_per_worker each; Ray Data's read and validate tasks need CPUs too, or
     # they wait for the workers that wait for them. Give the local node logical headroom beyond the physical cores.
-    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
+    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 4
     ray.init(
         num_cpus=max(os.cpu_count() or 1, needed),
         include_dashboard=False,

@@ -1,0 +1,150 @@
+"""Training throughput: the real pipeline (Ray Data streaming -> Arrow->KJT collate -> DMP step) beside the same
+sharded model stepping over batches already in memory, in one run, same config, same workers, same data.
+
+    .venv/bin/python benchmarks/train_throughput.py --rows-per-day 100000 --days 3
+
+Both sides run inside Ray Train workers with DistributedModelParallel over gloo; the "model only" side reads its share
+of the files into memory and converts them to batches before the clock starts. The ratio e2e / model-only says how
+much the data path costs (1.0 = free). Steady-state rates exclude the first ``--warmup`` steps of each side
+(planner, first dataset execution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mtrec.config import ExperimentConfig, load_config
+from mtrec.features.spec import FeatureSpec
+from mtrec.features.stats import DenseStats
+from mtrec.features.transform import BatchTransform
+from mtrec.pipeline.ingest import ingest
+from mtrec.pipeline.run import generate
+from mtrec.pipeline.train import _all_have_batch, _arrow_collate, build_training, train_step
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _loop(config: dict[str, Any]) -> None:
+    """Times steps in one worker; ``mode`` is 'e2e' (streaming shard) or 'model' (in-memory batches)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    spec = FeatureSpec.model_validate(config["spec"])
+    stats = DenseStats(**config["stats"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    parts = build_training(cfg, spec, device, ctx.get_local_world_size())
+    bs = cfg.train.batch_size
+    if config["mode"] == "model":
+        transform = BatchTransform(spec, stats)
+        files = config["files"][rank::world]
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        batches = [transform(table.slice(i, bs)) for i in range(0, table.num_rows - bs + 1, bs)]
+        source = iter(batches)
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        source = iter(
+            shard.iter_torch_batches(
+                batch_size=bs, collate_fn=_arrow_collate(spec, stats), drop_last=True, prefetch_batches=2
+            )
+        )
+    steps, timed_steps, started = 0, 0, 0.0
+    while True:
+        batch = next(source, None)
+        if not _all_have_batch(batch is not None, device):
+            break
+        assert batch is not None
+        train_step(parts, batch.to(device))
+        steps += 1
+        if steps == config["warmup"]:
+            started = time.perf_counter()
+        elif steps > config["warmup"]:
+            timed_steps += 1
+    seconds = time.perf_counter() - started
+    ray.train.report({"steps": steps, "samples_per_s": timed_steps * bs * world / max(seconds, 1e-9)})
+
+
+def run_side(cfg: ExperimentConfig, files: list[str], stats: DenseStats, mode: str, warmup: int) -> dict[str, Any]:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "spec": cfg.feature_spec().model_dump(mode="json"),
+            "stats": stats.__dict__,
+            "mode": mode,
+            "files": files,
+            "warmup": warmup,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=f"bench-{mode}", storage_path=str((cfg.run_dir / "ray_results").resolve())),
+        datasets={"train": ray.data.read_parquet(files)} if mode == "e2e" else None,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    assert result.metrics is not None, "Ray Train returned no metrics"
+    return dict(result.metrics)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows-per-day", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        cfg = load_config(
+            REPO / "configs" / "experiments" / "demo.yaml",
+            [
+                f"run_dir={run_dir}",
+                f"data.path={run_dir / 'logs'}",
+                f"data.oracle_path={run_dir / 'oracle.parquet'}",
+                f"generator.num_days={args.days + 1}",
+                f"generator.impressions_per_day={args.rows_per_day}",
+                f"train.batch_size={args.batch_size}",
+                f"train.num_workers={args.workers}",
+            ],
+        )
+        generate(cfg)
+        ingested = ingest(cfg)
+        files = ingested.train_files
+        e2e = run_side(cfg, files, ingested.stats, "e2e", args.warmup)
+        model = run_side(cfg, files, ingested.stats, "model", args.warmup)
+
+    ratio = e2e["samples_per_s"] / model["samples_per_s"]
+    print(
+        f"\n{args.workers} workers (gloo, CPU), batch {args.batch_size}, "
+        f"{args.days * args.rows_per_day:,} training rows\n"
+    )
+    print("| path | steps | samples/s |\n|---|---:|---:|")
+    print(f"| end to end (Ray Data stream -> collate -> DMP) | {e2e['steps']} | {e2e['samples_per_s']:,.0f} |")
+    print(f"| model only (in-memory batches -> DMP) | {model['steps']} | {model['samples_per_s']:,.0f} |")
+    print(f"\ne2e / model-only = {ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"e2e": e2e, "model_only": model, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
