@@ -18,12 +18,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_counts_add_up_and_quarantine_exists(pipeline_run) -> None:  # type: ignore[no-untyped-def]
-    cfg, result = pipeline_run
+    _, result = pipeline_run
     counts = result.ingested.total_counts()
     assert counts.rows_read == counts.rows_used + counts.rows_quarantined
     assert counts.rows_read == result.generated.rows
     assert Path(result.ingested.quarantine_path).exists()
-    clean_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in result.ingested.train_files + result.ingested.eval_files)
+    files = result.ingested.train_files + result.ingested.eval_files
+    clean_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     assert clean_rows == counts.rows_used
     assert result.ingested.eval_dates == [result.generated.dates[-1]]
 
