@@ -26,7 +26,7 @@ from mtrec.config import ExperimentConfig, load_config
 from mtrec.features.spec import FeatureSpec
 from mtrec.features.stats import DenseStats
 from mtrec.features.transform import BatchTransform
-from mtrec.pipeline.ingest import ingest
+from mtrec.pipeline.ingest import IngestResult, ingest
 from mtrec.pipeline.run import generate
 from mtrec.pipeline.train import _all_have_batch, _arrow_collate, build_training, train_step
 
@@ -73,10 +73,22 @@ def _loop(config: dict[str, Any]) -> None:
         elif steps > config["warmup"]:
             timed_steps += 1
     seconds = time.perf_counter() - started
-    ray.train.report({"steps": steps, "samples_per_s": timed_steps * bs * world / max(seconds, 1e-9)})
+    import resource
+
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+    peaks = torch.tensor([peak_rss_gb])
+    torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    ray.train.report(
+        {
+            "steps": steps,
+            "samples_per_s": timed_steps * bs * world / max(seconds, 1e-9),
+            "peak_rss_gb": float(peaks.item()),
+        }
+    )
 
 
 def run_side(cfg: ExperimentConfig, files: list[str], stats: DenseStats, mode: str, warmup: int) -> dict[str, Any]:
+    """One side of the comparison in its own TorchTrainer run; returns steps, samples/s and peak RSS per worker."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -93,7 +105,9 @@ def run_side(cfg: ExperimentConfig, files: list[str], stats: DenseStats, mode: s
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=f"bench-{mode}", storage_path=str((cfg.run_dir / "ray_results").resolve())),
+        run_config=ray.train.RunConfig(
+            name=f"bench-{mode}-{cfg.train.num_workers}", storage_path=str((cfg.run_dir / "ray_results").resolve())
+        ),
         datasets={"train": ray.data.read_parquet(files)} if mode == "e2e" else None,
     )
     result = trainer.fit()
@@ -101,6 +115,21 @@ def run_side(cfg: ExperimentConfig, files: list[str], stats: DenseStats, mode: s
         raise result.error
     assert result.metrics is not None, "Ray Train returned no metrics"
     return dict(result.metrics)
+
+
+def prepare(run_dir: Path, config: Path, overrides: list[str]) -> tuple[ExperimentConfig, IngestResult]:
+    """Generate and ingest the benchmark's logs under ``run_dir``."""
+    cfg = load_config(
+        config,
+        [
+            f"run_dir={run_dir}",
+            f"data.path={run_dir / 'logs'}",
+            f"data.oracle_path={run_dir / 'oracle.parquet'}",
+            *overrides,
+        ],
+    )
+    generate(cfg)
+    return cfg, ingest(cfg)
 
 
 def main() -> None:
@@ -114,21 +143,16 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
-        cfg = load_config(
+        cfg, ingested = prepare(
+            Path(tmp),
             REPO / "configs" / "experiments" / "demo.yaml",
             [
-                f"run_dir={run_dir}",
-                f"data.path={run_dir / 'logs'}",
-                f"data.oracle_path={run_dir / 'oracle.parquet'}",
                 f"generator.num_days={args.days + 1}",
                 f"generator.impressions_per_day={args.rows_per_day}",
                 f"train.batch_size={args.batch_size}",
                 f"train.num_workers={args.workers}",
             ],
         )
-        generate(cfg)
-        ingested = ingest(cfg)
         files = ingested.train_files
         e2e = run_side(cfg, files, ingested.stats, "e2e", args.warmup)
         model = run_side(cfg, files, ingested.stats, "model", args.warmup)

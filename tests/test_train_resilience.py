@@ -128,7 +128,13 @@ def _wait_for_checkpoint(storage: Path, timeout: float) -> None:
 
 def test_worker_killed_mid_training_resumes_and_completes(straight: Straight, tmp_path: Path) -> None:
     ingested = _copy_inputs(straight.cfg.run_dir, tmp_path)
-    cfg = _cfg(tmp_path, f"train.max_steps={STEPS}", "train.checkpoint_every_steps=5", "train.max_failures=2")
+    cfg = _cfg(
+        tmp_path,
+        f"train.max_steps={STEPS}",
+        "train.checkpoint_every_steps=5",
+        "train.max_failures=2",
+        f"data.oracle_path={straight.cfg.data.oracle_path}",
+    )
     outcome: dict[str, object] = {}
 
     def run() -> None:
