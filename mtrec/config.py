@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtrec.features.spec import FeatureSpec, load_feature_spec
 from mtrec.models.config import ModelConfig
+from mtrec.models.gradients import GradientConfig
 
 
 class ConfigError(ValueError):
@@ -180,6 +181,7 @@ class ExperimentConfig(_Strict):
     generator: GeneratorConfig = GeneratorConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    gradients: GradientConfig = GradientConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()

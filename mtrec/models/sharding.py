@@ -123,9 +123,11 @@ def _explain_plan_failure(
     return "\n".join(lines)
 
 
-def dense_optimizer(model: nn.Module, lr: float) -> KeyedOptimizerWrapper:
-    """Adam over every parameter that the fused embedding kernels do not update (dense layers, data-parallel tables)."""
+def dense_optimizer(model: nn.Module, lr: float, extra: list[nn.Parameter] | None = None) -> KeyedOptimizerWrapper:
+    """Adam over every parameter that the fused embedding kernels do not update (dense layers, data-parallel tables),
+    plus ``extra`` parameters owned outside the model (a gradient method's, e.g. uncertainty log-variances)."""
     params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    params.update({f"gradient_method.{i}": p for i, p in enumerate(extra or [])})
     return KeyedOptimizerWrapper(params, lambda p: torch.optim.Adam(p, lr=lr))
 
 

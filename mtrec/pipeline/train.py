@@ -33,7 +33,9 @@ from mtrec.features.batch import Batch
 from mtrec.features.spec import FeatureSpec
 from mtrec.features.stats import DenseStats
 from mtrec.features.transform import BatchTransform
+from mtrec.models.gradients import GradientMethod, build_gradient_method
 from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE
+from mtrec.models.multitask import MultiTaskLoss
 from mtrec.pipeline.ingest import IngestResult
 
 STATE_FILE = "train_state.json"
@@ -76,6 +78,7 @@ class TrainState:
     samples: int = 0
     world_size: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
+    diagnostics: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -85,8 +88,9 @@ class TrainingParts:
     model: nn.Module
     optimizer: Any  # torchrec CombinedOptimizer (fused embedding optimizer + dense Adam)
     dense_optimizer: Any  # the dense part alone (its state is created lazily)
-    loss_fn: nn.Module
+    loss_fn: MultiTaskLoss
     plan_summary: dict[str, Any]
+    method: GradientMethod  # replaces loss.backward(): equal weights, uncertainty, PCGrad or DRGrad
 
 
 def build_training(
@@ -95,7 +99,7 @@ def build_training(
     """Build on the meta device, shard with the planner, and set up the optimizers (needs a process group)."""
     from torchrec.optim.keyed import CombinedOptimizer
 
-    from mtrec.models.multitask import MultiTaskLoss, build_model
+    from mtrec.models.multitask import build_model
     from mtrec.models.sharding import dense_optimizer, describe_plan, embedding_sharders, shard_model
 
     torch.manual_seed(cfg.train.seed)
@@ -111,25 +115,33 @@ def build_training(
         table_sizes={t.name: (t.num_buckets, t.dim) for t in spec.tables},
         optimizer=cfg.train.embedding_optimizer,
     )
-    dense = dense_optimizer(dmp, cfg.train.dense_lr)
+    method = build_gradient_method(
+        cfg.gradients, dmp, [t.name for t in spec.tasks], weights={t.name: t.loss_weight for t in spec.tasks}
+    )
+    dense = dense_optimizer(dmp, cfg.train.dense_lr, extra=method.extra_parameters())
     optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
-    return TrainingParts(dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan))
+    return TrainingParts(dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan), method)
 
 
-def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimisation step; the fused kernels update the embeddings inside backward."""
+def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """One optimisation step; the fused kernels update the embeddings inside backward. Returns the weighted total,
+    the per-task losses and the gradient method's diagnostics (empty on most steps)."""
     outputs = parts.model(batch)
-    total, losses = parts.loss_fn(outputs, batch.labels)
+    losses = parts.loss_fn.task_losses(outputs, batch.labels)
     parts.optimizer.zero_grad()
-    total.backward()
+    diagnostics = parts.method.backward(losses)
     parts.optimizer.step()
-    return total, losses
+    return parts.method.total(losses).detach(), losses, diagnostics
 
 
 def _tensor_state(parts: TrainingParts) -> dict[str, Any]:
     """Model and optimizer state as a tree of tensors only (ShardedTensors for sharded tables)."""
     optim_state = parts.optimizer.state_dict()["state"]
-    return {"model": parts.model.state_dict(), "optim": optim_state}
+    state: dict[str, Any] = {"model": parts.model.state_dict(), "optim": optim_state}
+    extra = parts.method.extra_parameters()  # e.g. uncertainty weighting's log-variances, outside the model
+    if extra:
+        state["method"] = {str(i): p.data for i, p in enumerate(extra)}
+    return state
 
 
 def save_checkpoint(parts: TrainingParts, state: TrainState, folder: Path) -> None:
@@ -149,6 +161,8 @@ def load_checkpoint(parts: TrainingParts, folder: Path) -> TrainState:
     target = _tensor_state(parts)
     dcp.load(target, checkpoint_id=str(folder / DCP_DIR))
     parts.model.load_state_dict(target["model"])
+    for i, p in enumerate(parts.method.extra_parameters()):
+        p.data.copy_(target["method"][str(i)])
     current = parts.optimizer.state_dict()
     parts.optimizer.load_state_dict({**current, "state": target["optim"]})
     return TrainState(**json.loads((folder / STATE_FILE).read_text()))
@@ -256,7 +270,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
             if not _all_have_batch(batch is not None, device):
                 break
             assert batch is not None
-            total, losses = train_step(parts, batch.to(device))
+            total, losses, diagnostics = train_step(parts, batch.to(device))
+            if diagnostics:
+                state.diagnostics.append({"step": state.step + 1, **diagnostics})
             state.step += 1
             state.samples += per_step
             state.epoch_samples += per_step
@@ -295,8 +311,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
         "world_size": world,
     }
     if rank == 0:
-        description = {"spec": config["spec"], "model": config["experiment"]["model"], "stats": config["stats"]}
-        metrics_extra = {"plan": parts.plan_summary, "curve": state.curve, "description": description}
+        description = {
+            "spec": config["spec"],
+            "model": config["experiment"]["model"],
+            "gradients": config["experiment"]["gradients"],
+            "stats": config["stats"],
+        }
+        metrics_extra = {
+            "plan": parts.plan_summary,
+            "curve": state.curve,
+            "description": description,
+            "diagnostics": state.diagnostics,
+        }
     else:
         metrics_extra = {}
     _report_final(parts, state, metrics, weights if rank == 0 else None, metrics_extra)
@@ -323,6 +349,7 @@ def _report_final(
             (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
             (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
             (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
+            (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
             (folder / "summary.json").write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
