@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,7 +36,7 @@ from mtrec.features.stats import DenseStats
 from mtrec.features.transform import BatchTransform
 from mtrec.models.gradients import GradientMethod, build_gradient_method
 from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE
-from mtrec.models.multitask import MultiTaskLoss
+from mtrec.models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
 from mtrec.pipeline.ingest import IngestResult
 
 STATE_FILE = "train_state.json"
@@ -232,7 +233,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
         state.world_size = world
     elif config.get("warm_start_dir"):
         _warm_start(parts, Path(config["warm_start_dir"]), rank)
+    else:
+        # Start each output at its label's base rate / mean (same priors on every rank), see output_bias_priors.
+        set_output_bias(parts.model, config["output_bias"])
     if rank == 0:
+        from mtrec.models.multitask import build_model, format_parameter_report, parameter_report
+
+        report = parameter_report(build_model(spec, cfg.model, torch.device("meta")), spec, cfg.model)
+        print(f"[train] parameters:\n{format_parameter_report(report)}", flush=True)
         print(f"[train] sharding plan: {json.dumps(parts.plan_summary)}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
@@ -405,6 +413,8 @@ def train(
         shutil.rmtree(storage / run_name, ignore_errors=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
     dataset = ray.data.read_parquet(ingested.train_files)
+    label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
+    priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -412,6 +422,7 @@ def train(
             "spec": spec.model_dump(mode="json"),
             "stats": asdict(ingested.stats),
             "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
+            "output_bias": priors,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,

@@ -1,0 +1,371 @@
+"""Models: every (bottom, top) combination's shapes and gradients, DTRN's masking and conditioning, TRM per task,
+meta-device materialisation, the parameter report, configs, and the local trainer's determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from mtrec.config import GeneratorConfig, load_config
+from mtrec.features.batch import Batch
+from mtrec.features.generator import generate_logs
+from mtrec.features.spec import FeatureSpec, load_feature_spec, parse_feature_spec
+from mtrec.features.stats import DenseStats
+from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from mtrec.models.config import ModelConfig
+from mtrec.models.dtrn import DTRNBottom, HyperNetwork
+from mtrec.models.embeddings import SparseOutput
+from mtrec.models.multitask import (
+    MultiTaskLoss,
+    MultiTaskModel,
+    build_model,
+    output_bias_priors,
+    parameter_report,
+    set_output_bias,
+)
+from mtrec.models.tops import PLE, MMoE, SharedBottom
+from mtrec.pipeline.local import train_local
+
+REPO = Path(__file__).resolve().parents[1]
+BOTTOMS = ["plain", "dtrn"]
+TOPS = ["shared_bottom", "mmoe", "cgc", "ple"]
+COMBOS = [(b, t) for b in BOTTOMS for t in TOPS]
+# Small but not degenerate: two layers and two heads exercise the per-layer LayerNorm slicing and head reshapes.
+SMALL = {
+    "bottom_mlp": [32, 16],
+    "tower_mlp": [8],
+    "mmoe": {"num_experts": 3, "expert_mlp": [16]},
+    "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert_mlp": [16]},
+    "dtrn": {"num_layers": 2, "num_heads": 2, "ffn_dim": 16, "hyper_hidden": 8, "attention_mlp": [8], "trm_hidden": 4},
+}
+
+
+def small_spec() -> FeatureSpec:
+    """The shipped spec with small tables (fast to build) and its tasks, sequences and fields unchanged."""
+    data = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
+    for t in data["tables"]:
+        t["num_buckets"] = min(t["num_buckets"], 500)
+    return parse_feature_spec(data)
+
+
+def model_cfg(bottom: str, top: str, **dtrn: object) -> ModelConfig:
+    data = {**SMALL, "bottom": bottom, "top": top}
+    data["dtrn"] = {**SMALL["dtrn"], **dtrn}
+    return ModelConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureSpec, DenseStats, pa.Table]:
+    """Two days of generated logs with few users, so behaviour sequences range from empty to full."""
+    out = tmp_path_factory.mktemp("logs")
+    cfg = GeneratorConfig(seed=1, num_days=2, impressions_per_day=2000, num_users=60, num_items=400, conflict=1.0)
+    result = generate_logs(cfg, out / "logs", out / "oracle.parquet")
+    table = pa.concat_tables([pq.read_table(f) for f in result.files])
+    spec = small_spec()
+    stats = dense_stats_from_moments([compute_dense_moments(table, spec)], spec)
+    return spec, stats, table
+
+
+@pytest.fixture(scope="module")
+def batch(data: tuple[FeatureSpec, DenseStats, pa.Table]) -> Batch:
+    spec, stats, table = data
+    return BatchTransform(spec, stats)(table.slice(table.num_rows - 256, 256))
+
+
+def seeded_model(spec: FeatureSpec, cfg: ModelConfig, seed: int = 0) -> MultiTaskModel:
+    torch.manual_seed(seed)
+    return build_model(spec, cfg)
+
+
+def test_batch_has_empty_and_full_sequences(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    spec = data[0]
+    lengths = batch.sparse.to_dict()
+    for f in spec.sequences:
+        n = lengths[f.name].lengths()
+        assert int(n.min()) == 0, f.name  # the masking tests below need empty rows ...
+    assert int(lengths["click_seq"].lengths().max()) >= 10  # ... and long ones
+
+
+@pytest.mark.parametrize(("bottom", "top"), COMBOS)
+def test_shapes_and_finite_gradients(
+    bottom: str, top: str, batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]
+) -> None:
+    spec = data[0]
+    model = seeded_model(spec, model_cfg(bottom, top))
+    outputs = model(batch)
+    assert model.task_names == ["ctr", "cvr", "dwell"]
+    assert set(outputs) == set(model.task_names)
+    for out in outputs.values():
+        assert out.shape == (batch.batch_size,)
+        assert torch.isfinite(out).all()
+    total, losses = MultiTaskLoss(spec)(outputs, batch.labels)
+    assert set(losses) == set(model.task_names)
+    total.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    dense = [p for n, p in model.named_parameters() if not n.startswith("sparse.")]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dense[:1])
+    if bottom == "dtrn":
+        hyper = model.bottom.tim.hyper  # type: ignore[union-attr]
+        assert hyper.task_emb.grad is not None and hyper.task_emb.grad.abs().sum() > 0  # the hypernetwork learns
+        assert hyper.type_emb.grad is not None and hyper.type_emb.grad.abs().sum() > 0
+
+
+def _garbage_padding(out: SparseOutput, extra: int, seed: int) -> SparseOutput:
+    """Same real positions, random values at every padded position, and ``extra`` more padded positions."""
+    g = torch.Generator().manual_seed(seed)
+    sequences = {}
+    for name, (seq, mask) in out.sequences.items():
+        b, length, d = seq.shape
+        noisy = torch.randn(b, length + extra, d, generator=g) * 10
+        full_mask = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
+        noisy[:, :length][mask] = seq[mask]
+        sequences[name] = (noisy, full_mask)
+    return SparseOutput(fields=dict(out.fields), sequences=sequences)
+
+
+@pytest.mark.parametrize("pooling", ["target_attention", "mean"])
+def test_padding_does_not_change_outputs(
+    pooling: str, batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]
+) -> None:
+    spec = data[0]
+    model = seeded_model(spec, model_cfg("dtrn", "mmoe", pooling=pooling)).eval()
+    bottom = model.bottom
+    assert isinstance(bottom, DTRNBottom)
+    with torch.no_grad():
+        out = model.sparse(batch.sparse)
+        reference = bottom(out, batch.dense)
+        for seed, extra in [(0, 0), (1, 7)]:
+            noisy = bottom(_garbage_padding(out, extra, seed), batch.dense)
+            for a, b in zip(reference, noisy, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # Rows with an empty sequence get a zero interest vector for it, under every task.
+        u = bottom.interests(out)
+        for m, name in enumerate(bottom.sequences):
+            empty = ~out.sequences[name][1].any(dim=1)
+            assert empty.any()
+            assert torch.all(u[:, m][:, empty] == 0)
+            assert torch.all(u[:, m][:, ~empty].abs().sum(-1) > 0)
+
+
+def test_rows_are_independent_of_the_batch(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    """A row's prediction does not depend on the other rows (e.g. via the batch's longest sequence)."""
+    spec, stats, table = data
+    model = seeded_model(spec, model_cfg("dtrn", "ple")).eval()
+    transform = BatchTransform(spec, stats)
+    rows = table.slice(table.num_rows - 256, 256)
+    lengths = np.array([len(x) for x in rows.column("click_seq").to_pylist()])
+    short = np.flatnonzero(lengths == 0)[:4]
+    with torch.no_grad():
+        full = model(transform(rows))
+        alone = model(transform(rows.take(pa.array(short))))
+    for task in model.task_names:
+        torch.testing.assert_close(full[task][torch.from_numpy(short)], alone[task], rtol=1e-5, atol=1e-5)
+
+
+def test_hypernetwork_conditions_interest_vectors(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    spec = data[0]
+    model = seeded_model(spec, model_cfg("dtrn", "mmoe"))
+    bottom = model.bottom
+    assert isinstance(bottom, DTRNBottom)
+    with torch.no_grad():
+        out = model.sparse(batch.sparse)
+        u = bottom.interests(out)  # [K, M, B, d]
+        assert u.shape == (3, 3, batch.batch_size, bottom.tim.d_model)
+        rows = out.sequences["click_seq"][1].any(dim=1)
+        diff = (u[0, 0, rows] - u[1, 0, rows]).abs().amax(dim=-1)
+        assert torch.all(diff > 1e-4), "two tasks must give different interest vectors for the same sequence"
+        # The difference comes from the hypernetwork alone: with its output zeroed every (task, type) pair gets the
+        # same LayerNorms (gamma 1, beta 0) and the tasks agree.
+        bottom.tim.hyper.out.weight.zero_()
+        u0 = bottom.interests(out)
+        torch.testing.assert_close(u0[0], u0[1])
+        torch.testing.assert_close(u0[0], u0[2])
+
+
+def test_trm_weights_differ_per_task(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    spec = data[0]
+    model = seeded_model(spec, model_cfg("dtrn", "shared_bottom"))
+    bottom = model.bottom
+    assert isinstance(bottom, DTRNBottom)
+    with torch.no_grad():
+        out = model.sparse(batch.sparse)
+        u = bottom.interests(out)
+        fields = bottom.task_fields(out, batch.dense, u, 0)
+        w = [bottom.trm.weights(k, fields) for k in range(3)]  # same fields, each task's excitation
+        hs = bottom(out, batch.dense)
+    assert w[0].shape == (batch.batch_size, len(spec.sparse) + 1 + len(spec.sequences))
+    assert torch.all((w[0] > 0) & (w[0] < 2))  # two_sigmoid
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+    assert all(h.shape == (batch.batch_size, model.input_dim) for h in hs)
+    assert not torch.allclose(hs[0], hs[1])
+
+
+def test_tops_share_work_and_mix_experts() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 12)
+    # Identical inputs: per_task and mean readings agree (shared layers run once on the one input).
+    for top_cls in (MMoE, PLE):
+        kwargs = {"num_experts": 3} if top_cls is MMoE else {"num_levels": 2, "task_experts": 1, "shared_experts": 2}
+        torch.manual_seed(1)
+        a = top_cls(12, 3, expert_mlp=[4], expert_input="per_task", **kwargs)  # type: ignore[arg-type]
+        torch.manual_seed(1)
+        b = top_cls(12, 3, expert_mlp=[4], expert_input="mean", **kwargs)  # type: ignore[arg-type]
+        for ya, yb in zip(a([x] * 3), b([x] * 3), strict=True):
+            torch.testing.assert_close(ya, yb)
+    # MMoE is a convex mix of its experts.
+    mmoe = MMoE(12, 2, num_experts=3, expert_mlp=[4])
+    experts = torch.stack([e(x) for e in mmoe.experts], dim=1)
+    gate = torch.softmax(mmoe.gates[1](x), dim=-1)
+    torch.testing.assert_close(mmoe([x, x])[1], (gate.unsqueeze(-1) * experts).sum(1))
+    # Distinct inputs: a shared-bottom task output depends on its own input only.
+    sb = SharedBottom(12, [4], 2, 0.0)
+    y = torch.randn(5, 12)
+    torch.testing.assert_close(sb([x, y])[0], sb([x, x])[0])
+    assert PLE(12, 3, 1, 1, 1, [4]).levels[0].shared_gate is None  # CGC: no shared gate at the last level
+
+
+def _materialise_like_dmp(model: torch.nn.Module) -> None:
+    """What DistributedModelParallel does to a meta model (torchrec ``_init_parameters``): allocate every meta
+    parameter, then call ``reset_parameters`` on each module that holds one directly, children first."""
+
+    @torch.no_grad()
+    def init(module: torch.nn.Module) -> None:
+        has_meta = False
+        for name, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.full_like(p, float("nan"), device="cpu"))
+                has_meta = True
+        if has_meta and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    model.apply(init)
+
+
+@pytest.mark.parametrize(("bottom", "top"), COMBOS)
+def test_meta_build_materialises_every_parameter(
+    bottom: str, top: str, batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]
+) -> None:
+    spec = data[0]
+    cfg = model_cfg(bottom, top)
+    model = build_model(spec, cfg, torch.device("meta"))
+    assert all(p.is_meta for p in model.parameters())
+    meta_report = parameter_report(model, spec, cfg)
+    _materialise_like_dmp(model)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), f"{name} was left uninitialised"  # NaN-filled above, so reset must run
+    assert parameter_report(model, spec, cfg) == meta_report
+    outputs = model(batch)
+    assert all(torch.isfinite(o).all() for o in outputs.values())
+    if bottom == "dtrn":
+        gamma, beta = model.bottom.tim.hyper()  # type: ignore[union-attr,operator]
+        # The custom init ran (not nn.Linear's default): LayerNorms start near the identity.
+        assert float((gamma - 1).abs().mean()) < 0.3 and float(beta.abs().mean()) < 0.3
+
+
+def test_hypernetwork_init_scale() -> None:
+    torch.manual_seed(0)
+    hyper = HyperNetwork(6, 6, 4, 64, 8, 8, 32, init_std=0.1)
+    gamma, beta = hyper()
+    assert 0.05 < float((gamma - 1).std()) < 0.2 and 0.05 < float(beta.std()) < 0.2
+
+
+def test_parameter_report(data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    spec = data[0]
+    plain_cfg = model_cfg("plain", "shared_bottom")
+    plain = parameter_report(build_model(spec, plain_cfg, torch.device("meta")), spec, plain_cfg)
+    assert plain["total"] == plain["embeddings"] + plain["dense"]
+    assert plain["dense"] == plain["bottom"] + plain["top"] + plain["towers"]
+    assert plain["bottom"] == 0 and not any(k.startswith("dtrn.") for k in plain)
+    assert plain["embeddings"] == sum(t.num_buckets * t.dim for t in spec.tables)
+    cfg = model_cfg("dtrn", "ple")
+    report = parameter_report(build_model(spec, cfg, torch.device("meta")), spec, cfg)
+    assert report["dtrn.tasks_K"] == 3 and report["dtrn.behaviour_types_M"] == 3
+    assert report["dtrn.separate_encoders_KxM"] == 9 * report["dtrn.one_encoder_with_layernorms"]
+    assert report["dtrn.encoder_and_hypernetwork"] < report["dtrn.separate_encoders_KxM"]
+    assert report["embeddings"] == plain["embeddings"]
+
+
+def test_model_config_defaults_and_legacy_key() -> None:
+    default = ModelConfig()
+    assert (default.bottom, default.top) == ("plain", "shared_bottom")
+    assert (default.bottom_mlp, default.tower_mlp) == ([128, 64], [32])
+    legacy = ModelConfig.model_validate({"architecture": "shared_bottom", "sequence_pooling": "mean"})
+    assert legacy == default  # model.json of slice-era models still loads
+    with pytest.raises(ValueError, match="disagree"):
+        ModelConfig.model_validate({"architecture": "shared_bottom", "top": "mmoe"})
+    with pytest.raises(ValueError):
+        ModelConfig.model_validate({"top": "mmoe", "mmoe": {"num_experts": 0}})
+
+
+def test_default_model_keeps_the_slice_state_dict_keys() -> None:
+    spec = load_feature_spec(REPO / "configs/features/behaviour_logs.yaml")
+    keys = build_model(spec, ModelConfig(), torch.device("meta")).state_dict().keys()
+    assert {k.split(".")[0] for k in keys} == {"sparse", "top", "towers"}
+    assert "top.bottom.0.weight" in keys
+
+
+@pytest.mark.parametrize(
+    ("name", "bottom", "top"),
+    [("demo", "plain", "shared_bottom"), ("mmoe", "plain", "mmoe"), ("ple", "plain", "ple"),
+     ("dtrn_mmoe", "dtrn", "mmoe"), ("dtrn_ple", "dtrn", "ple")],
+)  # fmt: skip
+def test_experiment_configs_choose_the_architecture(name: str, bottom: str, top: str) -> None:
+    cfg = load_config(REPO / "configs/experiments" / f"{name}.yaml")
+    assert (cfg.model.bottom, cfg.model.top) == (bottom, top)
+    build_model(cfg.feature_spec(), cfg.model, torch.device("meta"))
+
+
+def test_train_local_is_deterministic_and_takes_a_custom_backward(
+    data: tuple[FeatureSpec, DenseStats, pa.Table],
+) -> None:
+    spec, stats, table = data
+    cfg = model_cfg("dtrn", "mmoe")
+
+    def train(seed: int, **extra: Any) -> MultiTaskModel:
+        return train_local(
+            spec, cfg, stats, table, epochs=1, batch_size=128, dense_lr=1e-3, embedding_lr=0.05, seed=seed,
+            max_steps=4, **extra,
+        )  # fmt: skip
+
+    sa, sb, sc = train(3).state_dict(), train(3).state_dict(), train(4).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+    steps: list[dict[str, float]] = []
+
+    def ctr_only(losses: dict[str, torch.Tensor], model: MultiTaskModel) -> None:
+        losses["ctr"].backward()
+
+    init = seeded_model(spec, cfg, seed=5).state_dict()
+    sd = train(5, backward=ctr_only, on_step=lambda s, v: steps.append(v), init_output_bias=False).state_dict()
+    assert len(steps) == 4 and set(steps[0]) == {"ctr", "cvr", "dwell", "total"}
+    assert all(torch.equal(sd[k], init[k]) for k in sd if k.startswith("towers.cvr"))  # no gradient, no step
+    assert not all(torch.equal(sd[k], init[k]) for k in sd if k.startswith("towers.ctr"))
+
+
+def test_output_bias_priors(data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    spec, stats, table = data
+    labels = BatchTransform(spec, stats).labels_numpy(table)
+    priors = output_bias_priors(spec, labels)
+    click = labels["ctr"] > 0.5
+    assert priors["ctr"] == pytest.approx(float(np.log(click.mean() / (1 - click.mean()))))
+    cvr = labels["cvr"][click].mean()  # ESMM child: p(conversion | click)
+    assert priors["cvr"] == pytest.approx(float(np.log(cvr / (1 - cvr))))
+    assert priors["dwell"] == pytest.approx(float(labels["dwell"][click].mean()), rel=1e-6)  # given: ctr
+    model = seeded_model(spec, model_cfg("plain", "mmoe"))
+    set_output_bias(model, priors)
+    assert float(model.towers["dwell"][1].bias) == pytest.approx(priors["dwell"])
+    wrapped = torch.nn.ModuleDict({"module": model})  # names as under a wrapper (DMP: _dmp_wrapped_module.module.)
+    set_output_bias(wrapped, {"ctr": -1.0})
+    assert float(model.towers["ctr"][1].bias) == -1.0
+    with pytest.raises(KeyError):
+        set_output_bias(model, {"nope": 0.0})
