@@ -84,6 +84,14 @@ def shard_model(
         raise ShardingPlanError(
             _explain_plan_failure(table_sizes or {}, table_sharding or {}, cap, world_size, optimizer, err)
         ) from err
+    except RuntimeError as err:
+        if "No available sharding type" not in str(err):
+            raise
+        # The enumerator found no (sharding type, kernel) pair for a pinned table on this topology.
+        raise ShardingPlanError(
+            f"{str(err).splitlines()[0]} (train.sharding.tables pins {table_sharding}; on {world_size} worker(s) "
+            "some sharding types do not apply, e.g. row_wise needs more than one worker)"
+        ) from err
     planned = set(describe_plan(plan))
     missing = sorted(set(table_sizes or {}) - planned)
     if missing:

@@ -1,28 +1,75 @@
-"""Register stage: one MLflow run with the resolved config, data and quarantine counts, metrics and artifacts; the
-model logged as a pyfunc (unsharded weights + the feature transform) and registered as a new version with tags and
-the ``challenger`` alias. Works against the embedded SQLite store and an ``mlflow server`` over HTTP alike."""
+"""Register stage: one MLflow run with the resolved config, data and quarantine counts, metrics, a model card and plots;
+the model logged as a pyfunc (unsharded weights + the feature transform) and registered as a new version with tags and
+the ``challenger`` alias. Works against the embedded SQLite store and an ``mlflow server`` over HTTP alike.
+
+Registering is idempotent and resumable. The key is the hash of the trained weights (``model_hash`` tag on the run
+and the version): a version that already carries it is returned as is (finished first if an earlier attempt stopped
+half-way), a finished run that already logged the model is reused, and a half-logged run is marked FAILED and redone.
+So the whole stage can simply be retried: on connection errors it is, with exponential backoff
+(``registry.retries``/``backoff_s``); when the server stays down it fails with a message naming the tracking URI
+(without credentials) and where the trained model stays on disk, and ``mtrec register`` later finishes the job.
+
+This module also holds the registry helpers the promote stage and the daily job share (client, aliases, retries,
+downloading a version's model folder, resolving a warm start).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import mlflow
 import pyarrow.parquet as pq
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mtrec
 from mtrec.config import ExperimentConfig
+from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE
 from mtrec.pipeline.evaluate import EvalResult
 from mtrec.pipeline.ingest import IngestResult
 from mtrec.pipeline.pyfunc import MODEL_DIR_ARTIFACT, feature_columns, model_signature
+from mtrec.pipeline.report import GRADIENT_DIAGNOSTICS_FILE
 from mtrec.pipeline.train import TrainResult
 
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
 CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+
+MODEL_HASH_TAG = "model_hash"  # idempotency key, on the run and on the version
+COMPLETE_TAG = "registration"  # "complete" once description, alias and tags are all set
+LOGGED_MODEL_TAG = "mtrec.logged_model_uri"  # on the run, once the pyfunc is logged
+# The files of the model folder that serving needs; the DCP checkpoint (sharded training state) stays out of the
+# registry: it doubles the upload and is only useful to resume that one training run.
+SERVING_FILES = (
+    WEIGHTS_FILE,
+    MODEL_FILE,
+    "plan.json",
+    "training_curve.json",
+    "summary.json",
+    GRADIENT_DIAGNOSTICS_FILE,
+)
+_DESCRIPTION_LIMIT = 4500  # MLflow stores version descriptions in a 5000-character column
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,10 +79,264 @@ class RegisterResult:
     version: str
     model_uri: str  # models:/<name>/<version>
     alias_uri: str  # models:/<name>@challenger
-    tracking_uri: str
+    tracking_uri: str  # credentials removed
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> RegisterResult:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the register stage first")
+        return cls(**json.loads(path.read_text()))
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The tracking server could not be reached after all retries; the message says what is safe on disk."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Credentials, retries, client
+
+
+_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Remove ``user:password@`` from every URL in ``text`` (MLflow's own errors quote the full request URL)."""
+    return _USERINFO.sub("***@", text)
+
+
+def _cause_chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        yield node
+        node = node.__cause__ or node.__context__
+
+
+def is_transient(err: BaseException) -> bool:
+    """Connection-level failures worth retrying: refused/reset connections, timeouts, 5xx/429 after MLflow's own
+    retries, a locked SQLite file. Not: bad requests, missing resources, bugs."""
+    import requests
+
+    for e in _cause_chain(err):
+        if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        if isinstance(e, TimeoutError):
+            return True
+        if isinstance(e, MlflowException):
+            msg = str(e)
+            if msg.startswith("API request to") and (" failed with exception" in msg or "timeout" in msg):
+                return True
+            status = e.get_http_status_code()
+            if status in (429, 502, 503, 504):
+                return True
+            if "failed with error code 5" in msg or "database is locked" in msg:
+                return True
+        if type(e).__name__ == "OperationalError" and "database is locked" in str(e):
+            return True
+    return False
+
+
+@contextmanager
+def http_settings(cfg: ExperimentConfig) -> Iterator[None]:
+    """MLflow's per-request retries and timeout from ``registry``, unless the user set the variables themselves.
+    Without this a dead server costs minutes per request (7 retries, doubling) inside each of our attempts."""
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.registry.http_request_retries),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(cfg.registry.http_timeout_s),
+    }
+    added = [k for k in wanted if k not in os.environ]
+    for k in added:
+        os.environ[k] = wanted[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def call_with_retries(fn: Callable[[], T], cfg: ExperimentConfig, action: str, on_failure: str) -> T:
+    """Run ``fn`` (which must be idempotent), retrying transient registry errors with exponential backoff.
+
+    ``on_failure`` is appended to the final error: what the user has on disk and how to finish later.
+    """
+    attempts = cfg.registry.retries + 1
+    uri = redact(cfg.tracking_uri())
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            first_line = redact(str(err)).splitlines()[0][:300] if str(err) else type(err).__name__
+            if attempt == attempts:
+                raise RegistryUnavailableError(
+                    f"could not {action}: the MLflow tracking server {uri} is unreachable after {attempts} attempt(s) "
+                    f"over {time.monotonic() - started:.0f}s (last error: {first_line}). {on_failure}"
+                ) from None
+            delay = min(cfg.registry.backoff_s * 2 ** (attempt - 1), cfg.registry.max_backoff_s)
+            log.warning(
+                "%s: attempt %d/%d failed (%s); retrying in %.1fs", action, attempt, attempts, first_line, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def registry_client(cfg: ExperimentConfig) -> MlflowClient:
+    """A client for the config's tracking store and registry (also set as the fluent API's URIs)."""
+    uri = cfg.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding ``alias``, or None when the alias (or the registered model) does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if is_transient(err):
+            raise
+        return None
+
+
+def versions_with_tag(client: MlflowClient, name: str, key: str, value: str) -> list[ModelVersion]:
+    """Versions of ``name`` tagged ``key=value``, oldest first."""
+    found = client.search_model_versions(filter_string=f"name='{_q(name)}' and tag.`{key}`='{_q(value)}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _q(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Content hash of a trained model (weights + description): the same training output always gives the same key."""
+    digest = hashlib.sha256()
+    for name in (MODEL_FILE, WEIGHTS_FILE):
+        digest.update(name.encode())
+        with open(Path(model_dir) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def download_model_dir(client: MlflowClient, cfg: ExperimentConfig, version: ModelVersion) -> Path:
+    """The unsharded model folder of a registered version (weights + description), cached under the run directory.
+
+    Read through MLflow's artifact API, as files: weights are safetensors, the description JSON, so nothing from the
+    store is unpickled or executed."""
+    dest = cfg.run_dir.resolve() / "registry_cache" / _safe_name(version.name) / f"v{version.version}"
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest / "model_dir"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    base = f"models:/{version.name}/{version.version}"
+    mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(dest / "meta")))
+    spec = yaml.safe_load(mlmodel.read_text())
+    rel = spec["flavors"]["python_function"]["artifacts"][MODEL_DIR_ARTIFACT]["path"]
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(dest / "dl")))
+    shutil.move(str(got), str(dest / "model_dir"))
+    shutil.rmtree(dest / "dl", ignore_errors=True)
+    marker.write_text(str(version.version))
+    return dest / "model_dir"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Warm start
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Where training starts from: ``model_dir`` holds ``weights.safetensors`` + ``model.json``."""
+
+    source: str  # as given: models:/<name>@<alias>, models:/<name>/<version>, or a folder
+    model_dir: Path
+    version: str | None  # the registry version, when resolved from the registry
+
+
+def warm_start_incompatibility(model_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """Why the model in ``model_dir`` cannot initialise this config's model, or None when it can: the same feature
+    spec (ids hash alike) and, tensor for tensor, the same names and shapes as the model this code builds from the
+    config (so a change of architecture, or of the code, is caught here rather than inside the training workers)."""
+    import torch
+    from safetensors import safe_open
+
+    from mtrec.features.spec import FeatureSpec
+    from mtrec.models.multitask import build_model
+
+    if not (model_dir / WEIGHTS_FILE).exists() or not (model_dir / MODEL_FILE).exists():
+        return f"{model_dir} lacks {WEIGHTS_FILE} or {MODEL_FILE}"
+    description = json.loads((model_dir / MODEL_FILE).read_text())
+    spec = cfg.feature_spec()
+    if FeatureSpec.model_validate(description["spec"]).fingerprint() != spec.fingerprint():
+        return "the feature spec differs"
+    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as fh:  # reads the header only
+        theirs = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    model = build_model(spec, cfg.model, device=torch.device("meta"))  # shapes only, no memory
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(ours) - set(theirs))
+    reshaped = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
+    if missing or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f"{len(reshaped)} tensor(s) of another shape, e.g. {k} {theirs[k]} vs {ours[k]}")
+        return "the model differs: " + "; ".join(parts)
+    return None
+
+
+def resolve_warm_start(cfg: ExperimentConfig, source: str, strict: bool = True) -> WarmStart | None:
+    """Resolve ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a folder to a local model folder.
+
+    Registry sources are downloaded (cached) under ``<run_dir>/registry_cache``. Returns None when an alias does not
+    exist yet (nothing to start from), or, with ``strict=False``, when the model is incompatible (logged); with
+    ``strict=True`` an incompatible model raises ValueError naming the difference."""
+    if source.startswith("models:/"):
+        ref = source.removeprefix("models:/")
+
+        def fetch() -> tuple[Path, str] | None:
+            client = registry_client(cfg)
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = version_by_alias(client, name, alias)
+                if version is None:
+                    return None
+            else:
+                name, number = ref.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+            return download_model_dir(client, cfg, version), str(version.version)
+
+        with http_settings(cfg):
+            got = call_with_retries(fetch, cfg, "resolve the warm start", "Training did not start.")
+        if got is None:
+            return None
+        model_dir, number = got
+    else:
+        model_dir, number = Path(source).resolve(), None
+    reason = warm_start_incompatibility(model_dir, cfg)
+    if reason is not None:
+        message = f"cannot warm-start from {source}: {reason}"
+        if strict:
+            raise ValueError(message)
+        log.warning("%s; training from scratch", message)
+        return None
+    return WarmStart(source=source, model_dir=model_dir, version=number)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registering
 
 
 def code_revision() -> str:
@@ -59,16 +360,28 @@ def code_revision() -> str:
         return "unknown"
 
 
+_PARAM_KEY = re.compile(r"^[\w\-. /:]+$")
+
+
 def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> dotted MLflow params."""
+    """Nested config -> dotted MLflow params. A mapping whose keys are not valid param names (``*.auc``) is one
+    JSON-valued param."""
     out: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(_PARAM_KEY.match(str(k)) for k in value):
             out.update(flat_params(value, f"{name}."))
+        elif isinstance(value, dict | list):
+            out[name] = json.dumps(value, sort_keys=True)
         else:
-            out[name] = json.dumps(value) if isinstance(value, list) else str(value)
+            out[name] = str(value)
     return out
+
+
+def loggable_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as logged: no tracking URI (it may carry credentials), no submission runtime env (may carry env
+    values), no machine-specific paths beyond what the user configured."""
+    return cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}, "submit": {"runtime_env"}})
 
 
 def _metric_key(*parts: str) -> str:
@@ -78,35 +391,172 @@ def _metric_key(*parts: str) -> str:
 def _experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
         return str(exp.experiment_id)
+    remote = urlsplit(cfg.tracking_uri()).scheme in ("http", "https")
+    if remote and cfg.mlflow.artifact_location is None:
+        # A server decides where artifacts go (its --artifacts-destination, proxied): a local path here would put
+        # them on this machine only, out of reach of everyone else using the server.
+        return str(client.create_experiment(cfg.mlflow.experiment))
     return str(client.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.artifact_location()))
 
 
+def _serving_dir(cfg: ExperimentConfig, model_dir: Path) -> Path:
+    """A copy of the model folder with only what serving needs (see SERVING_FILES)."""
+    out = cfg.run_dir.resolve() / "serving_model"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in SERVING_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, out / name)
+    return out
+
+
+def _find_logged_run(client: MlflowClient, experiment_id: str, key: str) -> tuple[str, str] | None:
+    """A finished run that already logged this model (run id, logged model URI). Runs an earlier attempt left
+    half-done are marked FAILED so they do not look alive in the UI."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{MODEL_HASH_TAG} = '{key}'")
+    found: tuple[str, str] | None = None
+    for run in runs:
+        logged = run.data.tags.get(LOGGED_MODEL_TAG)
+        if run.info.status == "FINISHED" and logged and found is None:
+            found = (run.info.run_id, logged)
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+    return found
+
+
 def register(
-    cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult, evaluated: EvalResult
+    cfg: ExperimentConfig,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str] | None = None,
 ) -> RegisterResult:
-    tracking_uri = cfg.tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_id = _experiment_id(client, cfg)
+    """Log and register the trained model (idempotent, retried); ``extra_tags`` go on the run and the version."""
+    on_failure = (
+        f"The trained model and its evaluation remain on disk at {trained.model_dir} "
+        f"(run directory {cfg.run_dir.resolve()}); run `mtrec register` with the same config when the server is "
+        "back to finish registering."
+    )
+    with http_settings(cfg):
+        result = call_with_retries(
+            lambda: _register_once(cfg, ingested, trained, evaluated, extra_tags or {}),
+            cfg,
+            "register the model",
+            on_failure,
+        )
+    result.save(cfg.run_dir.resolve() / "register.json")
+    return result
+
+
+def _register_once(
+    cfg: ExperimentConfig,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str],
+) -> RegisterResult:
+    client = registry_client(cfg)
+    name = cfg.mlflow.model_name
+    key = model_hash(trained.model_dir)
+    existing = versions_with_tag(client, name, MODEL_HASH_TAG, key)
+    if existing:
+        version = existing[0]
+        print(f"[register] model {key} is already version {version.version} of {name}: nothing new registered")
+    else:
+        experiment_id = _experiment_id(client, cfg)
+        logged = _find_logged_run(client, experiment_id, key)
+        if logged is None:
+            logged = _log_run(client, cfg, experiment_id, key, ingested, trained, evaluated, extra_tags)
+        run_id, model_uri = logged
+        version = mlflow.register_model(
+            model_uri,
+            name,
+            tags={
+                "data_window": f"{ingested.train_dates[0]}..{ingested.train_dates[-1]}",
+                "eval_window": ",".join(ingested.eval_dates),
+                "config_hash": cfg.fingerprint(),
+                "code_revision": code_revision(),
+                "run_id": run_id,
+                MODEL_HASH_TAG: key,
+                **extra_tags,
+            },
+        )
+    if version.tags.get(COMPLETE_TAG) != "complete":
+        _finish_version(client, cfg, version)
+    return RegisterResult(
+        run_id=str(version.run_id),
+        model_name=name,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        alias_uri=f"models:/{name}@{CHALLENGER}",
+        tracking_uri=redact(cfg.tracking_uri()),
+    )
+
+
+def _finish_version(client: MlflowClient, cfg: ExperimentConfig, version: ModelVersion) -> None:
+    """Description (the card's summary), the challenger alias, then the completion tag: in this order, so a version
+    without the tag is known to need these steps (each is safe to repeat)."""
+    name, number = version.name, str(version.version)
+    summary_path = "card/summary.md"
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=summary_path)
+        summary = Path(local).read_text()
+    except MlflowException as err:
+        if is_transient(err):
+            raise
+        summary = "Model card: see the run's card/model_card.md artifact."
+    description = f"**{name} version {number}**\n\n{summary}"
+    if len(description) > _DESCRIPTION_LIMIT:
+        description = description[: _DESCRIPTION_LIMIT - 80] + "\n\n(truncated: see card/model_card.md in the run)"
+    client.update_model_version(name, number, description=description)
+    client.set_registered_model_alias(name, CHALLENGER, number)
+    client.set_model_version_tag(name, number, COMPLETE_TAG, "complete")
+    print(f"[register] {name} version {number} registered, alias {CHALLENGER}")
+
+
+def _log_run(
+    client: MlflowClient,
+    cfg: ExperimentConfig,
+    experiment_id: str,
+    key: str,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str],
+) -> tuple[str, str]:
+    """One run with everything a reviewer needs, ending with the logged pyfunc; returns (run id, model URI)."""
+    import tempfile
+
+    from mtrec.pipeline.promote import compare_with_champion, gate
+    from mtrec.pipeline.report import CardInputs, model_card, summary_card, write_plots
+
     spec = cfg.feature_spec()
     counts = ingested.total_counts()
     data_window = f"{ingested.train_dates[0]}..{ingested.train_dates[-1]}"
-    config_hash = cfg.fingerprint()
-    revision = code_revision()
+    config = loggable_config(cfg)
+
+    # Before the run starts: scoring the champion on this evaluation window needs no open run, and a failure here
+    # (e.g. server down) then leaves nothing half-logged behind.
+    comparison, champion_frame, note = compare_with_champion(
+        client, cfg, ingested.eval_files, ingested.eval_dates, exclude_hash=key
+    )
+    preview = gate(evaluated.metrics, comparison.metrics, cfg.promotion.thresholds) if comparison else None
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.name}-{ingested.eval_dates[-1]}") as run:
-        # Paths are machine-specific and the config holds no secrets (tracking URIs may: never log them).
-        params = flat_params(cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}}))
-        mlflow.log_params(params)
+        # The key first: a run an interrupted attempt leaves behind is then recognised (and retired) by the next one.
+        mlflow.set_tag(MODEL_HASH_TAG, key)
+        mlflow.log_params(flat_params(config))
         mlflow.set_tags(
             {
                 "data_window": data_window,
                 "eval_window": ",".join(ingested.eval_dates),
-                "config_hash": config_hash,
-                "code_revision": revision,
+                "config_hash": cfg.fingerprint(),
+                "code_revision": code_revision(),
                 "feature_spec_hash": spec.fingerprint(),
+                **extra_tags,
             }
         )
         metrics: dict[str, float] = {
@@ -121,47 +571,70 @@ def register(
             metrics.update({_metric_key(name, k): v for k, v in values.items()})
         for name, values in evaluated.oracle.items():
             metrics.update({_metric_key("oracle", name, k): v for k, v in values.items()})
+        if comparison is not None:
+            for name, values in comparison.metrics.items():
+                metrics.update({_metric_key("champion", name, k): v for k, v in values.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        for point in json.loads((Path(trained.model_dir) / "training_curve.json").read_text()):
-            step = int(point["step"])
+        curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
+        for point in curve:
             mlflow.log_metrics(
-                {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=step
+                {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=int(point["step"])
             )
-        mlflow.log_dict(cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}}), "config/experiment.json")
+        mlflow.log_dict(config, "config/experiment.json")
         mlflow.log_artifact(str(cfg.features), "config")
-        mlflow.log_dict({split: c for split, c in ingested.counts.items()}, "data/counts.json")
+        mlflow.log_dict(dict(ingested.counts), "data/counts.json")
         mlflow.log_artifact(ingested.quarantine_path, "data")
         mlflow.log_dict(trained.plan, "train/sharding_plan.json")
         mlflow.log_dict(asdict(evaluated), "eval/metrics.json")
         mlflow.log_text(evaluated.format_table(), "eval/summary.txt")
+        if comparison is not None:
+            mlflow.log_dict(comparison.to_dict(), "eval/champion_comparison.json")
+        if preview is not None:
+            mlflow.log_dict(preview.to_dict(), "eval/gate_preview.json")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plots = write_plots(
+                Path(tmp) / "plots",
+                spec=spec,
+                predictions_path=Path(evaluated.predictions_path),
+                champion_frame=champion_frame,
+                metrics=evaluated.metrics,
+                champion_metrics=comparison.metrics if comparison else None,
+                champion_label=f"champion v{comparison.champion_version}" if comparison else None,
+                oracle=evaluated.oracle,
+                model_dir=Path(trained.model_dir),
+            )
+            for path in plots:
+                mlflow.log_artifact(str(path), "plots")
+            inputs = CardInputs(
+                model_name=cfg.mlflow.model_name,
+                run_id=run.info.run_id,
+                model_hash=key,
+                config_hash=cfg.fingerprint(),
+                code_revision=code_revision(),
+                config=config,
+                train_dates=ingested.train_dates,
+                eval_dates=ingested.eval_dates,
+                counts=dict(ingested.counts),
+                trained=trained,
+                evaluated=evaluated,
+                comparison=comparison,
+                comparison_note=note,
+                gate=preview,
+                plots=[f"plots/{p.name}" for p in plots],
+                tags=extra_tags,
+            )
+            mlflow.log_text(model_card(inputs), "card/model_card.md")
+            mlflow.log_text(summary_card(inputs), "card/summary.md")
 
         example = pq.read_table(ingested.eval_files[0], columns=feature_columns(spec)).slice(0, 5).to_pandas()
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).resolve().parent / "pyfunc_entry.py"),  # models from code: no pickle
-            artifacts={MODEL_DIR_ARTIFACT: trained.model_dir},
+            artifacts={MODEL_DIR_ARTIFACT: str(_serving_dir(cfg, Path(trained.model_dir)))},
             code_paths=[str(Path(mtrec.__file__).resolve().parent)],
             signature=model_signature(spec),
             input_example=example,
         )
-        version = mlflow.register_model(
-            info.model_uri,
-            cfg.mlflow.model_name,
-            tags={
-                "data_window": data_window,
-                "config_hash": config_hash,
-                "code_revision": revision,
-                "run_id": run.info.run_id,
-            },
-        )
-    client.set_registered_model_alias(cfg.mlflow.model_name, CHALLENGER, version.version)
-    result = RegisterResult(
-        run_id=run.info.run_id,
-        model_name=cfg.mlflow.model_name,
-        version=str(version.version),
-        model_uri=f"models:/{cfg.mlflow.model_name}/{version.version}",
-        alias_uri=f"models:/{cfg.mlflow.model_name}@{CHALLENGER}",
-        tracking_uri=tracking_uri,
-    )
-    result.save(cfg.run_dir.resolve() / "register.json")
-    return result
+        mlflow.set_tag(LOGGED_MODEL_TAG, info.model_uri)
+    return run.info.run_id, info.model_uri
