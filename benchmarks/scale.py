@@ -1,5 +1,6 @@
 """Scale: 20.4M embedding rows across tables, trained by 1 worker (tables whole) and over 2 Ray Train workers with
-the 12M-row item table row-wise sharded; peak memory per worker, samples/s, and end-to-end over model-only throughput, all in one run.
+the 12M-row item table row-wise sharded; peak memory per worker, samples/s, and end-to-end over model-only
+throughput, all in one run.
 
     .venv/bin/python benchmarks/scale.py --rows-per-day 100000 --days 2
 
