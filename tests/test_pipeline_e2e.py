@@ -64,6 +64,7 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
     assert run.data.metrics["ctr.auc"] == pytest.approx(result.evaluated.metrics["ctr"]["auc"])
     assert run.data.metrics["data.rows_read"] == result.ingested.total_counts().rows_read
     assert "oracle.ctr.auc" in run.data.metrics
+    assert run.data.metrics["params.total"] == run.data.metrics["params.embeddings"] + run.data.metrics["params.dense"]
     assert run.data.params["train.batch_size"] == str(cfg.train.batch_size)
     artifacts = {a.path for a in client.list_artifacts(reg.run_id, "data")}
     assert "data/quarantine.parquet" in artifacts

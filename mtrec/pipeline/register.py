@@ -574,6 +574,13 @@ def _log_run(
         if comparison is not None:
             for name, values in comparison.metrics.items():
                 metrics.update({_metric_key("champion", name, k): v for k, v in values.items()})
+        # Parameter report per architecture (DTRN beside K x M separate encoders): free on the meta device.
+        import torch
+
+        from mtrec.models.multitask import build_model, parameter_report
+
+        report = parameter_report(build_model(spec, cfg.model, torch.device("meta")), spec, cfg.model)
+        metrics.update({f"params.{k}": v for k, v in report.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
         for point in curve:
