@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "device": "cpu",
     }
-    print(json.dumps(detail, indent=2))  # the details go into RESULTS-gradients.md; the JSON keeps {method: ratio}
+    print(json.dumps(detail, indent=2))  # the details go into RESULTS.md; the JSON keeps {method: ratio}
     dist.destroy_process_group()
 
 
