@@ -679,7 +679,7 @@ def test_dockerfile_parser_joins_continuations_and_resolves_args():
 
 def test_bumping_the_ray_pin_flags_every_manifest(tmp_path):
     root = _copy_repo(tmp_path)
-    _edit(root / "requirements/base.txt", "ray[train,data]==2.60.0", "ray[train,data]==2.61.0")
+    _edit(root / "requirements/base.txt", "ray[default,train,data]==2.60.0", "ray[default,train,data]==2.61.0")
     flagged = {p.split(":")[0] for p in version_problems(root)}
     assert {
         "infra/kuberay/raycluster.yaml",

@@ -57,7 +57,7 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
     reg = result.registered
     client = MlflowClient(tracking_uri=cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
     version = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
-    assert version.version == reg.version
+    assert str(version.version) == reg.version
     for tag in ("data_window", "config_hash", "code_revision"):
         assert version.tags.get(tag), tag
     run = client.get_run(reg.run_id)
