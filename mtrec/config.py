@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mtrec.features.spec import FeatureSpec, load_feature_spec
 from mtrec.models.config import ModelConfig
@@ -189,16 +189,6 @@ class ExperimentConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     daily: DailyConfig = DailyConfig()
     submit: SubmitConfig = SubmitConfig()
-
-    @model_validator(mode="after")
-    def _supported(self) -> ExperimentConfig:
-        if self.gradients.method == "drgrad":
-            # The split primary tower (mtrec/models/drgrad.py) is not wired into the pipeline's model builder yet.
-            raise ValueError(
-                "gradients.method: drgrad is not available in the pipeline yet (its split tower is only used by "
-                "benchmarks/synthetic.py and benchmarks/overhead.py); use equal, uncertainty or pcgrad"
-            )
-        return self
 
     def feature_spec(self) -> FeatureSpec:
         return load_feature_spec(self.features)

@@ -82,6 +82,17 @@ class DRGradConfig(BaseModel):
         default=False, description="OUR extension: per-sample router on d loss / d v_s (see RouteFork)"
     )
     per_sample_rule: PerSampleRule = Field(default="pcgrad", description="per-sample rule, see per_sample_route")
+    personalized_gate: list[str] = Field(
+        default=[],
+        description="sparse feature names whose embeddings form v_pp for the PPNet-style gate on v_s (the paper: "
+        "user, item and seller ids); empty: no gate (data without personalized ids, e.g. Census)",
+    )
+    aux_input: Literal["own", "shared"] = Field(
+        default="own",
+        description="(our reading) with several auxiliary tasks: each T2_k reads its own gate's representation and "
+        "T1'' reads their mean (own), or every T2_k and T1'' read that mean (shared; needed by per_sample). "
+        "With one auxiliary task both are the paper's v_s",
+    )
 
 
 # ---- per-sample representation router (our extension) ---------------------------------------------------------------
@@ -188,6 +199,7 @@ class SplitTowerHead(nn.Module):
         per_sample_rule: PerSampleRule = "pcgrad",
         gamma: float = 1.0,
         dropout: float = 0.0,
+        pp_dim: int = 0,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -203,6 +215,8 @@ class SplitTowerHead(nn.Module):
         self.own = _tower(in_dim, hidden, dropout, device)
         self.shared = _tower(in_dim, hidden, dropout, device) if split else None
         self.aux = nn.ModuleDict({t: _tower(in_dim, hidden, dropout, device) for t in self.aux_names})
+        #: PPNet-style gate on v_s over the personalized id embeddings (``pp_dim`` > 0), else None.
+        self.ppnet = PersonalizedGate(pp_dim, in_dim, device=device) if pp_dim > 0 else None
         self.register_buffer("sigma", torch.zeros(2, device=device))
         self.register_buffer("steps", torch.zeros(1, device=device))
         self.register_buffer("tied", torch.zeros(1, device=device))
@@ -249,11 +263,22 @@ class SplitTowerHead(nn.Module):
         return torch.softmax(self.sigma, dim=0)
 
     def forward(
-        self, v1: torch.Tensor, v_s: torch.Tensor, aux_inputs: dict[str, torch.Tensor] | None = None
+        self,
+        v1: torch.Tensor,
+        v_s: torch.Tensor,
+        aux_inputs: dict[str, torch.Tensor] | None = None,
+        v_pp: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Logits [B] per task. ``v1``: the primary's own input; ``v_s``: the input shared by T1'' and the auxiliary
-        towers; ``aux_inputs[task]``, when given, replaces ``v_s`` for that auxiliary tower."""
+        towers; ``aux_inputs[task]``, when given, replaces ``v_s`` for that auxiliary tower. ``v_pp``: the
+        personalized id embeddings, required when the head has a personalized gate (applied to ``v_s`` and to every
+        ``aux_inputs`` entry)."""
         aux_inputs = aux_inputs or {}
+        if self.ppnet is not None:
+            if v_pp is None:
+                raise ValueError("this DRGrad head has a personalized gate: pass v_pp (the id embeddings)")
+            v_s = self.ppnet(v_s, v_pp)
+            aux_inputs = {t: self.ppnet(x, v_pp) for t, x in aux_inputs.items()}
         readers = [t for t in self.aux_names if t not in aux_inputs]  # auxiliary towers that read v_s
         n_copies = int(self.shared is not None) + len(readers)
         if self.per_sample and self.training and torch.is_grad_enabled():
@@ -279,17 +304,26 @@ class SplitTowerHead(nn.Module):
             out[t] = self.aux[t](x).squeeze(-1)
         return {t: out[t] for t in self.task_names}
 
-    def forward_task_inputs(self, hidden: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward_task_inputs(
+        self,
+        hidden: list[torch.Tensor],
+        v_pp: torch.Tensor | None = None,
+        aux_input: Literal["own", "shared"] = "own",
+    ) -> dict[str, torch.Tensor]:
         """Adapter for a top that gives one representation per task (MMoE/PLE gates, in ``task_names`` order).
 
         ``v1`` = the primary's representation. One auxiliary task: ``v_s`` = its representation, read by T1'' and T2.
-        Several: ``v_s`` = their mean (read by T1''; our reading), and each T2_k reads its own representation.
+        Several: ``v_s`` = their mean, read by T1'' (our reading); each T2_k reads its own representation
+        (``aux_input: own``) or ``v_s`` too (``shared``). Under a shared-bottom top every representation is the same
+        tensor, so v1 = v_s.
         """
         by_task = dict(zip(self.task_names, hidden, strict=True))
         aux = [by_task[t] for t in self.aux_names]
         if len(aux) == 1:
-            return self(by_task[self.primary], aux[0])
-        return self(by_task[self.primary], torch.stack(aux).mean(0), {t: by_task[t] for t in self.aux_names})
+            return self(by_task[self.primary], aux[0], v_pp=v_pp)
+        v_s = aux[0] if all(a is aux[0] for a in aux) else torch.stack(aux).mean(0)
+        own = {t: by_task[t] for t in self.aux_names} if aux_input == "own" else None
+        return self(by_task[self.primary], v_s, own, v_pp=v_pp)
 
     # ---- what the router sees ---------------------------------------------------------------------------------------
     def route_pairs(self, scope: Literal["first_layer", "all_layers"]) -> RoutePairs:

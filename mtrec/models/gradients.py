@@ -1,6 +1,7 @@
 """Multi-task gradient methods behind one call that replaces ``loss.backward()`` (in the spirit of torchjd's
 ``mtl_backward``), chosen in the experiment YAML's ``gradients:`` section.
 
+    model = build_model(spec, model_cfg, device, drgrad=head_config(cfg))   # the split tower when method: drgrad
     method = build_gradient_method(cfg, model, task_names)
     optimizer = dense_optimizer(...) + method.extra_parameters()
     ...
@@ -94,6 +95,7 @@ __all__ = [
     "build_split_head",
     "code_route",
     "find_split_head",
+    "head_config",
     "paper_route",
     "paper_terms",
     "pcgrad_project",
@@ -647,8 +649,10 @@ def build_split_head(
     task_names: list[str],
     dropout: float = 0.0,
     device: torch.device | None = None,
+    pp_dim: int = 0,
 ) -> SplitTowerHead:
-    """A :class:`SplitTowerHead` configured from ``gradients.drgrad`` (for the model builder)."""
+    """A :class:`SplitTowerHead` configured from ``gradients.drgrad`` (for the model builder). ``pp_dim``: width of
+    the personalized id embeddings for the PPNet gate (0: none)."""
     return SplitTowerHead(
         in_dim,
         hidden,
@@ -661,5 +665,12 @@ def build_split_head(
         per_sample_rule=cfg.per_sample_rule,
         gamma=cfg.gamma,
         dropout=dropout,
+        pp_dim=pp_dim,
         device=device,
     )
+
+
+def head_config(cfg: GradientConfig) -> DRGradConfig | None:
+    """The DRGrad head settings when ``cfg`` asks for the split-tower model (``method: drgrad``), else None: every
+    other method trains the ordinary per-task towers."""
+    return cfg.drgrad if cfg.method == "drgrad" else None

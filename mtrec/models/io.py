@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from mtrec.features.spec import FeatureSpec
 from mtrec.features.stats import DenseStats
 from mtrec.models.config import ModelConfig
+from mtrec.models.gradients import GradientConfig, head_config
 from mtrec.models.multitask import MultiTaskModel, build_model
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -34,7 +35,9 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
     spec = FeatureSpec.model_validate(description["spec"])
     model_cfg = ModelConfig.model_validate(description["model"])
     stats = DenseStats(**description["stats"])
-    model = build_model(spec, model_cfg, device=device or torch.device("cpu"))
+    # Older folders have no "gradients": they were trained with ordinary towers.
+    gradients = GradientConfig.model_validate(description.get("gradients") or {})
+    model = build_model(spec, model_cfg, device=device or torch.device("cpu"), drgrad=head_config(gradients))
     state = load_file(str(model_dir / WEIGHTS_FILE), device=str(device or "cpu"))
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -19,6 +19,7 @@ from torch import nn
 from mtrec.features.batch import Batch
 from mtrec.features.spec import FeatureSpec, TaskKind
 from mtrec.models.config import ModelConfig
+from mtrec.models.drgrad import DRGradConfig, SplitTowerHead
 from mtrec.models.dtrn import DTRNBottom
 from mtrec.models.embeddings import SparseArch, SparseOutput
 from mtrec.models.mlp import MLP, masked_mean
@@ -63,12 +64,25 @@ class PlainBottom(nn.Module):
 
 class MultiTaskModel(nn.Module):
     """Spec-driven multi-task model: SparseArch -> bottom (plain | dtrn) -> top -> per-task towers.
-    ``forward(batch)`` returns one logit (or regression value) [B] per task."""
+    ``forward(batch)`` returns one logit (or regression value) [B] per task.
 
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    With ``drgrad`` (the ``gradients.drgrad`` section, when ``gradients.method: drgrad``) the per-task towers are
+    replaced by DRGrad's :class:`~mtrec.models.drgrad.SplitTowerHead`: the primary task's T1' reads its own gate's
+    representation, T1'' and the auxiliary towers read the shared one (``forward_task_inputs``), optionally through
+    the PPNet-style personalized gate over the embeddings of ``drgrad.personalized_gate``.
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+        drgrad: DRGradConfig | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.cfg = cfg
+        self.drgrad = drgrad
         self.task_names = [t.name for t in spec.tasks]
         self.sparse = SparseArch(spec, device)
         self.bottom: PlainBottom | DTRNBottom
@@ -80,23 +94,63 @@ class MultiTaskModel(nn.Module):
             self.bottom = PlainBottom(spec, self.sparse.field_dims, self.sparse.sequence_dim)
         self.input_dim = self.bottom.out_dim
         self.top = build_top(cfg, self.input_dim, len(self.task_names), device)
-        self.towers = nn.ModuleDict(
-            {
-                name: nn.Sequential(
+        #: Ordinary per-task towers; empty when the DRGrad head replaces them.
+        self.towers = nn.ModuleDict()
+        self.head: SplitTowerHead | None = None
+        if drgrad is None:
+            for name in self.task_names:
+                self.towers[name] = nn.Sequential(
                     MLP(self.top.out_dim, cfg.tower_mlp, cfg.dropout, device),
                     nn.Linear(cfg.tower_mlp[-1] if cfg.tower_mlp else self.top.out_dim, 1, device=device),
                 )
-                for name in self.task_names
-            }
-        )
+        else:
+            from mtrec.models.gradients import build_split_head
+
+            self.head = build_split_head(
+                drgrad,
+                self.top.out_dim,
+                cfg.tower_mlp,
+                self.task_names,
+                cfg.dropout,
+                device,
+                pp_dim=self._personalized_dim(drgrad),
+            )
+
+    def _personalized_dim(self, drgrad: DRGradConfig) -> int:
+        """Width of v_pp, the concatenated embeddings of ``drgrad.personalized_gate``; checks the names and that
+        per-sample routing has a shared representation to route."""
+        if drgrad.primary_task is not None and drgrad.primary_task not in self.task_names:
+            raise ValueError(
+                f"gradients.drgrad.primary_task: '{drgrad.primary_task}' is not a task of the feature spec "
+                f"{self.task_names}"
+            )
+        if drgrad.per_sample and len(self.task_names) > 2 and drgrad.aux_input != "shared":
+            raise ValueError(
+                "gradients.drgrad.per_sample with several auxiliary tasks needs gradients.drgrad.aux_input: shared "
+                "(per-sample routing combines the gradients of the towers that read v_s)"
+            )
+        dims = self.sparse.field_dims
+        unknown = [f for f in drgrad.personalized_gate if f not in dims]
+        if unknown:
+            raise ValueError(
+                f"gradients.drgrad.personalized_gate: {unknown} are not sparse features of the spec "
+                f"(known: {sorted(dims)})"
+            )
+        return sum(dims[f] for f in drgrad.personalized_gate)
 
     def task_inputs(self, batch: Batch) -> list[torch.Tensor]:
         """The bottom's output: one [B, input_dim] input per task (the same tensor for every task when plain)."""
         return self.bottom(self.sparse(batch.sparse), batch.dense)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        hidden = self.top(self.task_inputs(batch))
-        return {name: self.towers[name](h).squeeze(-1) for name, h in zip(self.task_names, hidden, strict=True)}
+        sparse = self.sparse(batch.sparse)
+        hidden = self.top(self.bottom(sparse, batch.dense))
+        if self.head is None:
+            return {name: self.towers[name](h).squeeze(-1) for name, h in zip(self.task_names, hidden, strict=True)}
+        assert self.drgrad is not None
+        fields = self.drgrad.personalized_gate
+        v_pp = torch.cat([sparse.fields[f] for f in fields], dim=1) if fields else None
+        return self.head.forward_task_inputs(hidden, v_pp=v_pp, aux_input=self.drgrad.aux_input)
 
 
 def predictions(spec: FeatureSpec, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,9 +205,12 @@ class MultiTaskLoss(nn.Module):
         return total, losses
 
 
-def build_model(spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> MultiTaskModel:
-    """Build the model; pass ``torch.device('meta')`` to let DistributedModelParallel materialise it."""
-    return MultiTaskModel(spec, cfg, device)
+def build_model(
+    spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None, drgrad: DRGradConfig | None = None
+) -> MultiTaskModel:
+    """Build the model; pass ``torch.device('meta')`` to let DistributedModelParallel materialise it. ``drgrad``:
+    DRGrad's split-tower head instead of the towers (``head_config(cfg.gradients)`` of the experiment)."""
+    return MultiTaskModel(spec, cfg, device, drgrad)
 
 
 def output_bias_priors(spec: FeatureSpec, labels: dict[str, np.ndarray]) -> dict[str, float]:
@@ -182,14 +239,25 @@ def output_bias_priors(spec: FeatureSpec, labels: dict[str, np.ndarray]) -> dict
     return priors
 
 
+def _output_bias_names(task: str) -> tuple[str, ...]:
+    """Parameter names (suffixes) of a task's output bias: its tower's, or under the DRGrad head T1' and T1'' (both
+    set: mixed with weights summing to 1 they give the prior) or its auxiliary tower."""
+    return (f"towers.{task}.1.bias", "head.own.1.bias", "head.shared.1.bias", f"head.aux.{task}.1.bias")
+
+
 def set_output_bias(model: nn.Module, priors: dict[str, float]) -> None:
     """Set each task tower's output bias (see ``output_bias_priors``). Works on the plain model and on a DMP-wrapped
     one (parameters found by name suffix); under DMP call it on every rank with the same priors."""
     found = set()
+    heads = [m for m in model.modules() if isinstance(m, SplitTowerHead)]
+    primary = heads[0].primary if heads else None
     with torch.no_grad():
         for name, param in model.named_parameters():
             for task, value in priors.items():
-                if name == f"towers.{task}.1.bias" or name.endswith(f".towers.{task}.1.bias"):
+                names = _output_bias_names(task)
+                if task != primary:
+                    names = (names[0], names[3])
+                if any(name == n or name.endswith("." + n) for n in names):
                     param.fill_(value)
                     found.add(task)
     missing = set(priors) - found
@@ -220,7 +288,7 @@ def parameter_report(model: MultiTaskModel, spec: FeatureSpec, cfg: ModelConfig)
         "dense": total - embeddings,
         "bottom": _numel(model.bottom),
         "top": _numel(model.top),
-        "towers": _numel(model.towers),
+        "towers": _numel(model.towers) + _numel(model.head),
     }
     if isinstance(model.bottom, DTRNBottom):
         tim = model.bottom.tim

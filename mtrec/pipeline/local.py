@@ -8,14 +8,15 @@ embedding tables; the pipeline's fused kernels use row-wise Adagrad, this uses e
 and in-memory Arrow data, so a run is fast to start and exactly reproducible: under a fixed seed the initial weights
 and the batch order are fixed.
 
-Gradient-method experiments plug in through ``backward``: a callable ``backward(losses, model)`` that receives the
-per-task losses (``MultiTaskLoss.task_losses``) and must leave gradients in ``.grad`` (default: the spec's weighted
-sum, ``.backward()``). The optimizers step after it; they also take every gradient the callable leaves.
+Gradient methods: pass ``gradients`` (the experiment YAML's ``gradients:`` section) and the model and the backward
+are the pipeline's: DRGrad's split-tower head when ``method: drgrad``, and ``method.backward(losses)`` in place of
+``loss.backward()`` (its own parameters, e.g. uncertainty weighting's log-variances, join the dense optimizer). Or
+plug in any callable ``backward(losses, model)`` that receives the per-task losses (``MultiTaskLoss.task_losses``)
+and leaves gradients in ``.grad`` (default: the spec's weighted sum, ``.backward()``).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -28,6 +29,7 @@ from mtrec.features.spec import FeatureSpec
 from mtrec.features.stats import DenseStats
 from mtrec.features.transform import BatchTransform
 from mtrec.models.config import ModelConfig
+from mtrec.models.gradients import GradientConfig, build_gradient_method, head_config
 from mtrec.models.multitask import (
     MultiTaskLoss,
     MultiTaskModel,
@@ -38,6 +40,7 @@ from mtrec.models.multitask import (
 
 BackwardFn = Callable[[dict[str, torch.Tensor], MultiTaskModel], None]
 StepCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[int, MultiTaskModel], None]
 
 
 def weighted_sum_backward(losses: dict[str, torch.Tensor], model: MultiTaskModel) -> None:
@@ -59,9 +62,11 @@ def make_optimizers(
     dense_lr: float,
     embedding_lr: float,
     embedding_optimizer: Literal["adagrad", "adam"] = "adagrad",
+    extra: list[torch.nn.Parameter] | None = None,
 ) -> list[torch.optim.Optimizer]:
-    """Adam on dense parameters, Adagrad (or Adam) on the embedding tables."""
+    """Adam on dense parameters (plus ``extra``, e.g. a gradient method's own), Adagrad (or Adam) on the tables."""
     embedding, dense = split_parameters(model)
+    dense = dense + list(extra or [])
     # fused: one kernel per tensor; the element-wise loop over the full tables would otherwise dominate the step.
     emb_opt: torch.optim.Optimizer = (
         torch.optim.Adagrad(embedding, lr=embedding_lr, eps=1e-8, fused=True)
@@ -115,32 +120,58 @@ def train_local(
     max_steps: int | None = None,
     on_step: StepCallback | None = None,
     init_output_bias: bool = True,
+    gradients: GradientConfig | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> MultiTaskModel:
     """Train the unsharded model on ``train_table`` (validated rows with the spec's columns) and return it in eval
     mode.
 
     ``seed`` fixes the initial weights and the batch order. ``on_step(step, {task: loss, 'total': ...})`` is called
-    after every step (for logging; converting losses to floats costs a little). ``max_steps`` stops early.
-    ``init_output_bias`` starts every tower's output at the training labels' base rate / mean
-    (``output_bias_priors``: without it the dwell regression's offset swamps the shared layers early on).
+    after every step (for logging; converting losses to floats costs a little); the gradient method's diagnostics
+    are added on the steps it computes them. ``on_epoch(epoch, model)`` after every epoch (the model is in train
+    mode again when it returns). ``max_steps`` stops early. ``init_output_bias`` starts every tower's output at the
+    training labels' base rate / mean (``output_bias_priors``: without it the dwell regression's offset swamps the
+    shared layers early on). ``gradients`` and ``backward`` are exclusive.
     """
+    if gradients is not None and backward is not None:
+        raise ValueError("train_local: pass either gradients or backward, not both")
     torch.manual_seed(seed)
-    model = build_model(spec, model_cfg, torch.device("cpu"))
+    model = build_model(spec, model_cfg, torch.device("cpu"), head_config(gradients) if gradients else None)
     model.train()
     transform = BatchTransform(spec, stats)
     if init_output_bias:
         set_output_bias(model, output_bias_priors(spec, transform.labels_numpy(train_table)))
     loss_fn = MultiTaskLoss(spec)
+    diagnostics: dict[str, float] = {}
+    extra: list[torch.nn.Parameter] = []
+    if gradients is not None:
+        method = build_gradient_method(gradients, model, model.task_names, dict(loss_fn.weights))
+        extra = method.extra_parameters()
+
+        def method_backward(losses: dict[str, torch.Tensor], _: MultiTaskModel) -> None:
+            diagnostics.update(method.backward(losses))
+
+        backward = method_backward
     backward = backward or weighted_sum_backward
-    optimizers = make_optimizers(model, dense_lr, embedding_lr, embedding_optimizer)
-    batches = itertools.chain.from_iterable(
-        shuffled_batches(train_table, transform, batch_size, seed, epoch) for epoch in range(epochs)
-    )
-    for step, batch in enumerate(itertools.islice(batches, max_steps), start=1):
-        losses = train_step(model, loss_fn, batch, optimizers, backward)
-        if on_step is not None:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            values["total"] = sum(loss_fn.weights[k] * v for k, v in values.items())
-            on_step(step, values)
+    optimizers = make_optimizers(model, dense_lr, embedding_lr, embedding_optimizer, extra)
+    step = 0
+    for epoch in range(epochs):
+        for batch in shuffled_batches(train_table, transform, batch_size, seed, epoch):
+            if max_steps is not None and step >= max_steps:
+                break
+            diagnostics.clear()
+            losses = train_step(model, loss_fn, batch, optimizers, backward)
+            step += 1
+            if on_step is not None:
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                values["total"] = sum(loss_fn.weights[k] * v for k, v in values.items())
+                values.update({k: float(v) for k, v in diagnostics.items()})
+                on_step(step, values)
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch, model)
+            model.train()
+        if max_steps is not None and step >= max_steps:
+            break
     model.eval()
     return model

@@ -34,7 +34,7 @@ from mtrec.features.batch import Batch
 from mtrec.features.spec import FeatureSpec
 from mtrec.features.stats import DenseStats
 from mtrec.features.transform import BatchTransform
-from mtrec.models.gradients import GradientMethod, build_gradient_method
+from mtrec.models.gradients import GradientMethod, build_gradient_method, head_config
 from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE
 from mtrec.models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
 from mtrec.pipeline.ingest import IngestResult
@@ -104,7 +104,7 @@ def build_training(
     from mtrec.models.sharding import dense_optimizer, describe_plan, embedding_sharders, shard_model
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(spec, cfg.model, device=torch.device("meta"))
+    model = build_model(spec, cfg.model, device=torch.device("meta"), drgrad=head_config(cfg.gradients))
     sharders = embedding_sharders(cfg.train.embedding_optimizer, cfg.train.embedding_lr)
     dmp, plan = shard_model(
         model,
@@ -239,7 +239,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         from mtrec.models.multitask import build_model, format_parameter_report, parameter_report
 
-        report = parameter_report(build_model(spec, cfg.model, torch.device("meta")), spec, cfg.model)
+        meta_model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))
+        report = parameter_report(meta_model, spec, cfg.model)
         print(f"[train] parameters:\n{format_parameter_report(report)}", flush=True)
         print(f"[train] sharding plan: {json.dumps(parts.plan_summary)}", flush=True)
 
