@@ -452,6 +452,11 @@ def test_per_sample_rules_by_hand() -> None:
     # drgrad rule: row 0: xi = -1/sqrt2, lam = clip(1/sqrt2) -> (1 + 1/sqrt2) [1,0] + 1/sqrt2 [-1,1] = [1, 1/sqrt2].
     # row 1: xi = 1, lam = clip(1/2) = 1/2 -> [1,0] + 1/2 [2,0] = [2, 0].
     _close(per_sample_route([a, b], "drgrad"), T([[1.0, 1 / R2], [2.0, 0.0]]))
+    # project_aux: row 0: b . a = -1 -> b loses -1 * a -> [0, 1]; plus a -> [1, 1]. Row 1 aligned: [3, 0].
+    _close(per_sample_route([a, b], "project_aux"), T([[1.0, 1.0], [3.0, 0.0]]))
+    # Two auxiliary gradients, each projected on its own against the primary (not against each other).
+    c = T([[0.0, -1.0], [-4.0, 0.0]])
+    _close(per_sample_route([a, b, c], "project_aux"), T([[1.0, 0.0], [3.0, 0.0]]))
 
 
 def test_per_sample_router_inside_backward() -> None:

@@ -44,7 +44,7 @@ __all__ = [
     "per_sample_route",
 ]
 
-PerSampleRule = Literal["pcgrad", "drgrad"]
+PerSampleRule = Literal["pcgrad", "drgrad", "project_aux"]
 
 
 class DRGradConfig(BaseModel):
@@ -106,6 +106,10 @@ def per_sample_route(grads: list[torch.Tensor], rule: PerSampleRule, gamma: floa
     * ``drgrad``: primary first, in DRGrad's spirit: with ``a`` the primary's and ``b`` the summed auxiliary gradient,
       ``xi = cos(a, b)``, ``lam = clip(|a| / |b|, 0, 1) ** gamma``, result ``(1 - [xi < 0] xi) a + lam b``: on
       conflict the primary's gradient is amplified by up to 2x, and the auxiliary one never outweighs it.
+    * ``project_aux``: the primary's gradient is kept as it is; each auxiliary gradient that points against it loses
+      its component along it, ``g_k -= [g_k . a < 0] (g_k . a / |a|^2) a``; the result is the sum. Asymmetric
+      PCGrad: the auxiliary tasks may still shape v_s, but never against the primary on that sample (the per-sample
+      counterpart of gating auxiliary gradients by their cosine with the main task's).
 
     Both are invariant to the losses' common scale (mean-reduced losses give rows scaled by 1/B).
     """
@@ -123,6 +127,12 @@ def per_sample_route(grads: list[torch.Tensor], rule: PerSampleRule, gamma: floa
             out = out + g
         return out
     a = grads[0]
+    if rule == "project_aux":
+        sq = (a * a).sum(-1, keepdim=True).clamp_min(eps)
+        out = a.clone()
+        for gk in grads[1:]:
+            out = out + gk - ((gk * a).sum(-1, keepdim=True).clamp(max=0.0) / sq) * a
+        return out
     b = torch.stack(grads[1:]).sum(0) if len(grads) > 2 else grads[1]
     na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
     xi = (a * b).sum(-1, keepdim=True) / (na * nb).clamp_min(eps)
