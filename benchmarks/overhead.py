@@ -2,22 +2,25 @@
 
     .venv/bin/python benchmarks/overhead.py --out benchmarks/results/overhead.json
 
-Model: the pipeline's pieces on the behaviour-log spec (``configs/features/behaviour_logs.yaml``): TorchRec
-``SparseArch`` sharded by ``DistributedModelParallel`` (one gloo process, fused row-wise Adagrad tables), the plain
-bottom, the ``MMoE`` top with the default sizes (4 experts [64]), and the DRGrad head (towers [32] -> 1; ``split:
-false`` is plain MMoE); the pipeline's ``MultiTaskLoss`` (ctr, ESMM cvr, dwell given ctr) and the dense Adam. Batches:
+Model: the pipeline's model (``mtrec.models.multitask.build_model``) with the ``model:`` section of
+``--model-config`` (default ``configs/experiments/demo.yaml``, the pipeline's default model: plain bottom, shared
+bottom [128, 64], towers [32]) on the behaviour-log spec, sharded by ``DistributedModelParallel`` (one gloo process,
+fused row-wise Adagrad tables), the pipeline's ``MultiTaskLoss`` (ctr, ESMM cvr, dwell given ctr) and dense Adam.
+``gradients.method: drgrad`` builds DRGrad's split-tower head in place of the towers, as the pipeline does. Batches:
 ``--batches`` batches of ``--batch-size`` rows of the built-in generator's logs, transformed once up front; every
 method runs the same list.
 
 A step is forward + losses + ``method.backward`` + optimizer step (what the train loop does). Methods run interleaved
 step by step over ``--rounds`` passes of the batches (so machine load hits all of them alike); the per-step time is
-the median over all timed steps, in CPU time of the process (one compute thread; on a shared machine wall-clock time
-mostly measures other users' load), with wall-clock medians printed beside. The DRGrad router + updater (the work
-after backward) is also timed on its own. Ratios are medians of per-step ratios (method / baseline on the same batch,
-timed back to back), which cancels most of the drift in machine load.
-Ratios are against equal weights on the *same* model: the plain MMoE model for ``uncertainty`` and ``pcgrad``, the
-split-tower model for the DRGrad variants; ``drgrad_paper_vs_mmoe`` compares the full DRGrad (extra tower included)
-with plain MMoE, the comparison behind the paper's +1.5 %.
+the CPU time of the process (one compute thread; on a shared machine wall-clock time mostly measures other users'
+load), with wall-clock medians printed beside. Ratios are medians of per-step ratios (method / equal weights on the
+same batch, timed back to back), which cancels most of the drift in machine load.
+
+``overhead.json`` holds ``{method: step_time_ratio_vs_equal_weights}`` where equal weights is the pipeline's model
+with ordinary towers: for the DRGrad entries that is the whole cost of the method (the extra tower T1'' included,
+the comparison behind the paper's +1.5 %). ``<method>_vs_split_tower`` entries compare with equal weights on the same
+split-tower model (``split_tower``), i.e. the router / updater / per-sample work alone. The router + updater (the work
+after backward) is also timed on its own.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from mtrec.config import GeneratorConfig
@@ -43,57 +47,32 @@ from mtrec.features.batch import Batch
 from mtrec.features.generator import generate_logs
 from mtrec.features.spec import FeatureSpec, load_feature_spec
 from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.drgrad import SplitTowerHead
-from mtrec.models.embeddings import SparseArch
-from mtrec.models.gradients import (
-    DRGradRouter,
-    GradientConfig,
-    GradientMethod,
-    build_gradient_method,
-    build_split_head,
-)
-from mtrec.models.multitask import MultiTaskLoss, PlainBottom
+from mtrec.models.config import ModelConfig
+from mtrec.models.gradients import DRGradRouter, GradientConfig, GradientMethod, build_gradient_method, head_config
+from mtrec.models.multitask import MultiTaskLoss, build_model
 from mtrec.models.sharding import dense_optimizer, embedding_sharders, shard_model
-from mtrec.models.tops import MMoE
 
-SPEC = Path(__file__).resolve().parents[1] / "configs/features/behaviour_logs.yaml"
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "configs/features/behaviour_logs.yaml"
 
-#: name -> (gradients section, baseline it is compared with)
-METHODS: dict[str, tuple[dict[str, Any], str | None]] = {
-    "equal": ({"method": "equal", "drgrad": {"split": False}}, None),
-    "uncertainty": ({"method": "uncertainty", "drgrad": {"split": False}}, "equal"),
-    "pcgrad": ({"method": "pcgrad", "drgrad": {"split": False}}, "equal"),
-    "equal_split": ({"method": "equal", "drgrad": {"router": False, "updater": "none"}}, None),
-    "drgrad_paper": ({"method": "drgrad"}, "equal_split"),
-    "drgrad_paper_all_layers": ({"method": "drgrad", "drgrad": {"router_scope": "all_layers"}}, "equal_split"),
-    "drgrad_code": ({"method": "drgrad", "drgrad": {"mode": "code"}}, "equal_split"),
-    "drgrad_per_sample": (
-        {"method": "drgrad", "drgrad": {"per_sample": True, "router": False, "updater": "none"}},
-        "equal_split",
-    ),
+#: name -> gradients section. ``split_tower``: the DRGrad model trained with equal weights (no router, no updater).
+METHODS: dict[str, dict[str, Any]] = {
+    "equal": {"method": "equal"},
+    "uncertainty": {"method": "uncertainty"},
+    "pcgrad": {"method": "pcgrad"},
+    "split_tower": {"method": "drgrad", "drgrad": {"router": False, "updater": "none"}},
+    "drgrad_paper": {"method": "drgrad"},
+    "drgrad_paper_ema_gate": {
+        "method": "drgrad",
+        "drgrad": {"updater": "ema", "personalized_gate": ["user_id", "item_id", "seller_id"]},
+    },
+    "drgrad_paper_all_layers": {"method": "drgrad", "drgrad": {"router_scope": "all_layers"}},
+    "drgrad_code": {"method": "drgrad", "drgrad": {"mode": "code", "split": False}},
+    "drgrad_per_sample": {
+        "method": "drgrad",
+        "drgrad": {"per_sample": True, "router": False, "updater": "none", "aux_input": "shared"},
+    },
 }
-
-
-class BenchModel(nn.Module):
-    """SparseArch -> plain bottom -> MMoE -> DRGrad head; primary = the spec's first task."""
-
-    def __init__(self, spec: FeatureSpec, cfg: GradientConfig, experts: int, expert_mlp: list[int], tower: list[int]):
-        super().__init__()
-        tasks = [t.name for t in spec.tasks]
-        self.tasks = tasks
-        self.sparse = SparseArch(spec, torch.device("meta"))
-        self.bottom = PlainBottom(spec, self.sparse.field_dims, self.sparse.sequence_dim)
-        self.top = MMoE(self.bottom.out_dim, len(tasks), experts, expert_mlp, device=torch.device("meta"))
-        self.head: SplitTowerHead = build_split_head(
-            cfg.drgrad, expert_mlp[-1], tower, tasks, device=torch.device("meta")
-        )
-
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        hidden = self.top(self.bottom(self.sparse(batch.sparse), batch.dense))
-        if self.head.per_sample:  # every auxiliary tower reads v_s = mean of the auxiliary gates (one fork)
-            v_s = torch.stack(hidden[1:]).mean(0)
-            return self.head(hidden[0], v_s)
-        return self.head.forward_task_inputs(hidden)
 
 
 def _batches(spec: FeatureSpec, n: int, batch_size: int, workdir: Path) -> list[Batch]:
@@ -121,11 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--expert-mlp", type=int, nargs="+", default=[64])
-    parser.add_argument("--tower", type=int, nargs="+", default=[32])
+    parser.add_argument("--model-config", type=Path, default=Path("configs/experiments/demo.yaml"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -140,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         batches = _batches(spec, args.batches, args.batch_size, Path(tmp))
     loss_fn = MultiTaskLoss(spec)
+    model_cfg = ModelConfig.model_validate(yaml.safe_load((REPO / args.model_config).read_text())["model"])
     runs: dict[str, tuple[nn.Module, GradientMethod, Any]] = {}
     for name in args.methods:
-        cfg = GradientConfig.model_validate(METHODS[name][0])
+        cfg = GradientConfig.model_validate(METHODS[name])
         torch.manual_seed(0)
         dmp, _ = shard_model(
-            BenchModel(spec, cfg, args.experts, args.expert_mlp, args.tower),
+            build_model(spec, model_cfg, torch.device("meta"), head_config(cfg)),
             device,
             embedding_sharders("rowwise_adagrad", 0.05),
         )
@@ -191,13 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
 
     ratios: dict[str, float] = {}
-    for name, (_, base) in METHODS.items():
-        if name in median and base is not None and base in median:
-            ratios[name] = paired(name, base)
-    if "drgrad_paper" in median and "equal" in median:
-        ratios["drgrad_paper_vs_mmoe"] = paired("drgrad_paper", "equal")
-    if "equal_split" in median and "equal" in median:
-        ratios["split_tower_model_vs_mmoe"] = paired("equal_split", "equal")
+    for name in median:
+        if name != "equal" and "equal" in median:
+            ratios[name] = paired(name, "equal")
+        if name.startswith("drgrad") and "split_tower" in median and METHODS[name].get("drgrad", {}).get("split", 1):
+            ratios[f"{name}_vs_split_tower"] = paired(name, "split_tower")
     for name in median:
         ms, ms_wall = 1000 * median[name], 1000 * median_wall[name]
         print(f"{name:<26} {ms:8.2f} ms/step CPU ({ms_wall:8.2f} wall)  ratio {ratios.get(name, 1.0):.3f}")
