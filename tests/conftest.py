@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL_CONFIG = REPO / "configs" / "experiments" / "small.yaml"
 
 
+#: DRGrad (paper router, EMA updater, PPNet gate over the id embeddings) through the real pipeline: the session's
+#: pipeline run and the resilience runs use it, so the split tower, its mu state and its diagnostics go through Ray
+#: Train, DMP, DCP checkpoints, evaluation, MLflow and the pyfunc. Other tests train with the default method.
+DRGRAD_SET = [
+    "gradients.method=drgrad",
+    "gradients.diagnostics_every=5",
+    "gradients.drgrad.updater=ema",
+    "gradients.drgrad.ema_decay=0.9",
+    "gradients.drgrad.personalized_gate=[user_id, item_id, seller_id]",
+]
+
+
 def small_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
     """The small test config writing everything under ``run_dir``."""
     return load_config(
@@ -46,6 +58,6 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None):  # 
     from mtrec.pipeline.run import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("pipeline")
-    cfg = small_config(run_dir)
+    cfg = small_config(run_dir, *DRGRAD_SET)
     result = run_pipeline(cfg, with_generate=True)
     return cfg, result

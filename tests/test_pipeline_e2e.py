@@ -70,6 +70,22 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
     assert "data/quarantine.parquet" in artifacts
 
 
+def test_drgrad_diagnostics_in_mlflow(pipeline_run) -> None:  # type: ignore[no-untyped-def]
+    """The session run trains with DRGrad: its sampled diagnostics are metric series and a plot artifact."""
+    cfg, result = pipeline_run
+    assert cfg.gradients.method == "drgrad"
+    client = MlflowClient(tracking_uri=cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
+    run_id = result.registered.run_id
+    for name in ("xi1", "xi2", "lam1", "lam2", "mu_own", "conflict"):
+        history = client.get_metric_history(run_id, f"gradients.drgrad.{name}")
+        assert len(history) >= 2, name
+        assert all(0 <= h.step <= result.trained.steps for h in history)
+    mu = [h.value for h in client.get_metric_history(run_id, "gradients.drgrad.mu_own")]
+    assert all(0.0 < v < 1.0 for v in mu) and mu[-1] != 0.5  # the updater moved mu
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert "plots/gradient_diagnostics.png" in plots
+
+
 def test_fresh_process_scores_raw_rows_like_evaluation(pipeline_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg, result = pipeline_run
     eval_file = result.ingested.eval_files[0]

@@ -24,7 +24,7 @@ from mtrec.pipeline.evaluate import evaluate
 from mtrec.pipeline.ingest import IngestResult, ingest
 from mtrec.pipeline.run import generate
 from mtrec.pipeline.train import TrainResult, train
-from tests.conftest import SMALL_CONFIG, small_config
+from tests.conftest import DRGRAD_SET, SMALL_CONFIG, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ TRAIN_SET = [
     "train.epochs=3",
     "train.shuffle=none",
     "train.log_every=10",
+    *DRGRAD_SET,  # exact resume must restore the split tower's mu state (sigma) too
 ]
 
 

@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 import mtrec
 from mtrec.config import ExperimentConfig
+from mtrec.models.gradients import head_config
 from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE
 from mtrec.pipeline.evaluate import EvalResult
 from mtrec.pipeline.ingest import IngestResult
@@ -282,7 +283,7 @@ def warm_start_incompatibility(model_dir: Path, cfg: ExperimentConfig) -> str | 
         return "the feature spec differs"
     with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as fh:  # reads the header only
         theirs = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-    model = build_model(spec, cfg.model, device=torch.device("meta"))  # shapes only, no memory
+    model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))  # shapes only
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(ours) - set(theirs))
     reshaped = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
@@ -517,6 +518,24 @@ def _finish_version(client: MlflowClient, cfg: ExperimentConfig, version: ModelV
     print(f"[register] {name} version {number} registered, alias {CHALLENGER}")
 
 
+def _log_gradient_diagnostics(client: MlflowClient, run_id: str, model_dir: Path) -> None:
+    """The gradient method's sampled diagnostics (DRGrad xi1, xi2, lam1, lam2, mu, conflict share; PCGrad cosines;
+    uncertainty weights) as metric series ``gradients.<method>.<name>`` over training steps, in batches."""
+    from mlflow.entities import Metric
+
+    path = model_dir / "gradient_diagnostics.json"
+    points: list[dict[str, float]] = json.loads(path.read_text()) if path.exists() else []
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"gradients.{k.replace('/', '.')}", float(v), now, int(point["step"]))
+        for point in points
+        for k, v in point.items()
+        if k != "step"
+    ]
+    for start in range(0, len(metrics), 1000):  # the tracking server's batch limit
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
 def _log_run(
     client: MlflowClient,
     cfg: ExperimentConfig,
@@ -579,7 +598,8 @@ def _log_run(
 
         from mtrec.models.multitask import build_model, parameter_report
 
-        report = parameter_report(build_model(spec, cfg.model, torch.device("meta")), spec, cfg.model)
+        meta_model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))
+        report = parameter_report(meta_model, spec, cfg.model)
         metrics.update({f"params.{k}": v for k, v in report.items()})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
@@ -587,6 +607,7 @@ def _log_run(
             mlflow.log_metrics(
                 {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=int(point["step"])
             )
+        _log_gradient_diagnostics(client, run.info.run_id, Path(trained.model_dir))
         mlflow.log_dict(config, "config/experiment.json")
         mlflow.log_artifact(str(cfg.features), "config")
         mlflow.log_dict(dict(ingested.counts), "data/counts.json")
