@@ -11,7 +11,8 @@ pipeline's ``task_metrics``, the oracle on the same rows. Model: ``configs/exper
 section for every method. DRGrad's personalized gate reads the user, item and seller embeddings (the paper's ids).
 
 Paired design: every method of a seed sees the same data, the same batch order and the same seed for the shared
-layers' draw; ``_paired`` holds each method minus ``mmoe`` (equal weights): mean, standard error, wins.
+layers' draw; ``_paired`` holds each method minus ``equal`` (equal weights, same model): mean, standard error, and
+how often the method was better (higher AUC, lower RMSE).
 Per-run records are appended to ``--runs`` (JSON lines; runs already there are skipped).
 """
 
@@ -48,17 +49,18 @@ ORACLE_COLUMNS = {"ctr": "p_click", "cvr": "p_conversion", "ctr_cvr": "p_ctcvr",
 GATE = {"personalized_gate": ["user_id", "item_id", "seller_id"]}
 EMA = {"updater": "ema", "ema_decay": 0.99}
 METHODS: dict[str, dict[str, Any]] = {
-    "mmoe": {"method": "equal"},
+    "equal": {"method": "equal"},
     "uncertainty": {"method": "uncertainty"},
     "pcgrad": {"method": "pcgrad"},
-    "split_mmoe": {"method": "drgrad", "drgrad": {"router": False, "updater": "none"}},
+    # DRGrad's split primary tower with no routing and no updater (Split-MMoE under an MMoE top)
+    "split_tower": {"method": "drgrad", "drgrad": {"router": False, "updater": "none"}},
     "drgrad_paper": {"method": "drgrad", "drgrad": {"updater": "sum", **GATE}},
     "drgrad_code": {"method": "drgrad", "drgrad": {"mode": "code", "split": False}},
     "drgrad_ema": {"method": "drgrad", "drgrad": {**EMA, **GATE}},
     "drgrad_ema_no_gate": {"method": "drgrad", "drgrad": EMA},
     "drgrad_tied": {"method": "drgrad", "drgrad": {**EMA, **GATE, "tied_init": True}},
     # control for the per-sample rows: the same model (every auxiliary tower reads v_s), no routing
-    "split_mmoe_shared": {"method": "drgrad", "drgrad": {"router": False, "updater": "none", "aux_input": "shared"}},
+    "split_tower_shared": {"method": "drgrad", "drgrad": {"router": False, "updater": "none", "aux_input": "shared"}},
     "per_sample_pcgrad": {
         "method": "drgrad",
         "drgrad": {"router": False, "updater": "none", "per_sample": True, "aux_input": "shared"},
@@ -174,18 +176,18 @@ def summarise(records: list[dict[str, Any]], spec: FeatureSpec) -> dict[str, Any
     seeds = {r["seed"]: r["oracle"] for r in records}
     out["oracle"] = {t: statistics.fmean(o[t] for o in seeds.values()) for t in tasks}
     paired: dict[str, Any] = {}
-    base = {r["seed"]: r for r in by_method.get("mmoe", [])}
+    base = {r["seed"]: r for r in by_method.get("equal", [])}
     for m, runs in by_method.items():
-        if m == "mmoe" or not base:
+        if m == "equal" or not base:
             continue
-        paired[f"{m}-mmoe"] = {}
+        paired[f"{m}-equal"] = {}
         for t in tasks:
             diff = np.array([r["metrics"][t] - base[r["seed"]]["metrics"][t] for r in runs if r["seed"] in base])
             if diff.size == 0:
                 continue
             better = diff < 0 if metric_of(spec, t) == "rmse" else diff > 0
             se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
-            paired[f"{m}-mmoe"][t] = {
+            paired[f"{m}-equal"][t] = {
                 "mean_diff": float(diff.mean()),
                 "se": se,
                 "better": int(better.sum()),
@@ -202,20 +204,29 @@ def summarise(records: list[dict[str, Any]], spec: FeatureSpec) -> dict[str, Any
 
 
 def markdown(summary: dict[str, Any], spec: FeatureSpec) -> str:
+    """Mean ± std per task, then each method minus equal weights on the same seeds (mean ± standard error, and on
+    how many seeds the method was better): rows with fewer seeds are only comparable through the paired columns."""
     tasks = list(summary["oracle"])
     lines = [
-        "| method | " + " | ".join(f"{t} {metric_of(spec, t).upper()}" for t in tasks) + " | train s |",
-        "|---" * (len(tasks) + 2) + "|",
+        "| method | n | "
+        + " | ".join(f"{t} {metric_of(spec, t).upper()}" for t in tasks)
+        + " | "
+        + " | ".join(f"Δ{t} vs equal" for t in tasks)
+        + " |",
+        "|---" * (2 * len(tasks) + 2) + "|",
     ]
     for m in METHODS:
         if m not in summary:
             continue
-        cells = []
+        cells, diffs = [], []
         for t in tasks:
             k = metric_of(spec, t)
             cells.append(f"{summary[m][t][f'{k}_mean']:.4f} ± {summary[m][t][f'{k}_std']:.4f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {summary['_train_s_mean'][m]:.0f} |")
-    lines.append("| oracle | " + " | ".join(f"{summary['oracle'][t]:.4f}" for t in tasks) + " | |")
+            d = summary["_paired"].get(f"{m}-equal", {}).get(t)
+            diffs.append(f"{d['mean_diff']:+.4f} ± {d['se']:.4f} ({d['better']}/{d['n']})" if d else "")
+        n = summary[m][tasks[0]]["n_seeds"]
+        lines.append(f"| {m} | {n} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
+    lines.append("| oracle | | " + " | ".join(f"{summary['oracle'][t]:.4f}" for t in tasks) + " |" + " |" * len(tasks))
     return "\n".join(lines)
 
 
@@ -236,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/gradients_logs.json")
     parser.add_argument("--runs", type=Path, default=None, help="per-run JSON lines (default: OUT .runs.jsonl)")
+    parser.add_argument("--report", action="store_true", help="only rebuild OUT from the runs file and print tables")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     records = [r for r in existing if r["settings"] == settings_of(args)]
     done = {(r["seed"], r["method"]) for r in records}
     runs_path.parent.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
+    for seed in [] if args.report else args.seeds:
         todo = [m for m in args.methods if (seed, m) not in done]
         if todo:
             with tempfile.TemporaryDirectory() as tmp:
@@ -253,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(records, spec)
     summary["_meta"] = {
         "command": "python benchmarks/gradients_logs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "runs_file": str(runs_path.relative_to(REPO) if runs_path.is_relative_to(REPO) else runs_path),
         "settings": settings_of(args),
         "wall_seconds_this_invocation": time.perf_counter() - started,
         "torch": torch.__version__,

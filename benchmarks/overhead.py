@@ -62,6 +62,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "pcgrad": {"method": "pcgrad"},
     "split_tower": {"method": "drgrad", "drgrad": {"router": False, "updater": "none"}},
     "drgrad_paper": {"method": "drgrad"},
+    "drgrad_paper_ema": {"method": "drgrad", "drgrad": {"updater": "ema"}},
     "drgrad_paper_ema_gate": {
         "method": "drgrad",
         "drgrad": {"updater": "ema", "personalized_gate": ["user_id", "item_id", "seller_id"]},
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "drgrad_router_and_updater_ms_median": router_ms,
         "ratios": ratios,
         "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "sizes": {k: v for k, v in vars(args).items() if k != "out"},
+        "sizes": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "steps_timed_per_method": args.rounds * args.batches,
         "wall_seconds": time.perf_counter() - started,
         "torch": torch.__version__,

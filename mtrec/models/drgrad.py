@@ -287,8 +287,18 @@ class SplitTowerHead(nn.Module):
         if self.ppnet is not None:
             if v_pp is None:
                 raise ValueError("this DRGrad head has a personalized gate: pass v_pp (the id embeddings)")
-            v_s = self.ppnet(v_s, v_pp)
-            aux_inputs = {t: self.ppnet(x, v_pp) for t, x in aux_inputs.items()}
+            # The gate depends on v_pp only: compute it once, and gate each distinct input once (under a shared-bottom
+            # top v_s and every auxiliary input are the same tensor).
+            gate = self.ppnet.gate(v_pp)
+            gated: dict[int, torch.Tensor] = {}
+
+            def apply(x: torch.Tensor) -> torch.Tensor:
+                if id(x) not in gated:
+                    gated[id(x)] = x * gate
+                return gated[id(x)]
+
+            v_s = apply(v_s)
+            aux_inputs = {t: apply(x) for t, x in aux_inputs.items()}
         readers = [t for t in self.aux_names if t not in aux_inputs]  # auxiliary towers that read v_s
         n_copies = int(self.shared is not None) + len(readers)
         if self.per_sample and self.training and torch.is_grad_enabled():
@@ -376,6 +386,10 @@ class PersonalizedGate(nn.Module):
         with torch.no_grad():
             self.weight.zero_()
 
-    def forward(self, v_s: torch.Tensor, v_pp: torch.Tensor) -> torch.Tensor:
+    def gate(self, v_pp: torch.Tensor) -> torch.Tensor:
+        """``2 * sigmoid(v_pp @ W_pp)`` [B, out_dim]: the multiplier, in (0, 2)."""
         ids = v_pp.detach() if self.detach_ids else v_pp
-        return 2.0 * v_s * torch.sigmoid(F.linear(ids, self.weight))
+        return 2.0 * torch.sigmoid(F.linear(ids, self.weight))
+
+    def forward(self, v_s: torch.Tensor, v_pp: torch.Tensor) -> torch.Tensor:
+        return v_s * self.gate(v_pp)
