@@ -29,7 +29,7 @@ import pytest
 from mtrec.config import ExperimentConfig
 from mtrec.pipeline.promote import gate
 from mtrec.pipeline.register import is_transient, redact
-from tests.conftest import small_config
+from tests.conftest import DRGRAD_SET, small_config
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -183,6 +183,7 @@ def http_config(pipeline_run: Any, run_dir: Path, server: MlflowServer, name: st
         f"mlflow.experiment={name}",
         "registry.retries=1",
         "registry.backoff_s=0.5",
+        *DRGRAD_SET,  # the gradients section the session run (pipeline_run) was trained with
         *more,
     )
 
@@ -213,8 +214,10 @@ def variant(pipeline_run: Any, run_dir: Path, cfg: ExperimentConfig, kind: str) 
     model_dir = run_dir / "model"
     shutil.copytree(trained.model_dir, model_dir, ignore=shutil.ignore_patterns("dcp"))
     weights = load_file(str(model_dir / "weights.safetensors"))
-    # The CTR tower's output layer: the tensors under towers.ctr. whose first dimension is 1 (the logit).
-    logit = [k for k, v in weights.items() if k.startswith("towers.ctr.") and v.shape[0] == 1]
+    # The CTR output layer: the tensors whose first dimension is 1 (the logit) under towers.ctr., or under both primary
+    # towers (T1', T1'') when the session run trained DRGrad's split head with ctr as the primary task.
+    prefixes = ("towers.ctr.", "head.own.", "head.shared.")
+    logit = [k for k, v in weights.items() if k.startswith(prefixes) and v.shape[0] == 1]
     assert logit, f"no CTR output layer among {list(weights)}"
     for k in logit:
         if kind == "negate_ctr":
