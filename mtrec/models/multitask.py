@@ -22,6 +22,7 @@ from mtrec.models.config import ModelConfig
 from mtrec.models.drgrad import DRGradConfig, SplitTowerHead
 from mtrec.models.dtrn import DTRNBottom
 from mtrec.models.embeddings import SparseArch, SparseOutput
+from mtrec.models.gradients import build_split_head
 from mtrec.models.mlp import MLP, masked_mean
 from mtrec.models.tops import SharedBottom, build_top
 
@@ -104,8 +105,6 @@ class MultiTaskModel(nn.Module):
                     nn.Linear(cfg.tower_mlp[-1] if cfg.tower_mlp else self.top.out_dim, 1, device=device),
                 )
         else:
-            from mtrec.models.gradients import build_split_head
-
             self.head = build_split_head(
                 drgrad,
                 self.top.out_dim,
@@ -137,10 +136,6 @@ class MultiTaskModel(nn.Module):
                 f"(known: {sorted(dims)})"
             )
         return sum(dims[f] for f in drgrad.personalized_gate)
-
-    def task_inputs(self, batch: Batch) -> list[torch.Tensor]:
-        """The bottom's output: one [B, input_dim] input per task (the same tensor for every task when plain)."""
-        return self.bottom(self.sparse(batch.sparse), batch.dense)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         sparse = self.sparse(batch.sparse)
