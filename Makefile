@@ -1,6 +1,7 @@
 # The two commands of the README: `make demo` (set up if needed, run the whole pipeline) and `make test`.
 PY ?= .venv/bin/python
 CONFIG ?= configs/experiments/demo.yaml
+SRC := features models pipeline jobs tests benchmarks scripts
 
 .PHONY: setup setup-gpu demo test test-fast lint typecheck bench clean
 
@@ -15,7 +16,7 @@ setup-gpu:  ## CUDA machines: CUDA fbgemm-gpu of the same release instead of fbg
 	touch .venv/.installed
 
 demo: setup
-	$(PY) -m mtrec.jobs.cli run --config $(CONFIG) --generate
+	$(PY) -m jobs.cli run --config $(CONFIG) --generate
 
 test: setup
 	$(PY) -m pytest -q -ra
@@ -24,8 +25,8 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: setup
-	.venv/bin/ruff check mtrec tests benchmarks
-	.venv/bin/ruff format --check mtrec tests benchmarks || true
+	.venv/bin/ruff check $(SRC)
+	.venv/bin/ruff format --check $(SRC)
 
 typecheck: setup
 	.venv/bin/mypy

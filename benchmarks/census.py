@@ -1,14 +1,14 @@
 """UCI Census-Income (KDD) through the pipeline's models and gradient methods: baselines, DRGrad modes and variants,
 AUC per task over seeds with paired differences (method spec sections 1, 3 and 4; issue 6, experiment 1).
 
-    .venv/bin/python -m mtrec.features.census ../shared/data/census_income_kdd runs/census/logs   # once
+    .venv/bin/python -m features.census ../shared/data/census_income_kdd runs/census/logs   # once
     .venv/bin/python benchmarks/census.py --seeds 0 1 2 3 4
 
 Data: the converter's partitions (MMoE protocol): train = census-income.data (199,523 rows), census-income.test split
 1:1 by a fixed seed into validation and test (49,881 each). Tasks: income > 50K (``income``, the primary task of
 DRGrad's split tower) and never married. Model: ``configs/experiments/census.yaml``'s ``model:`` section (plain bottom
 over the 32 categorical embeddings and 7 dense features; MMoE 8 experts [64]; towers [32]), with the top switched for
-shared-bottom and PLE; the gradients section per method as below. Training: ``mtrec.pipeline.local.train_local``
+shared-bottom and PLE; the gradients section per method as below. Training: ``pipeline.local.train_local``
 (the pipeline's model, losses, output-bias priors and gradient methods, one process), Adam ``--lr`` on dense layers,
 Adagrad on the tables, batch ``--batch-size``, ``--epochs`` epochs.
 
@@ -41,12 +41,12 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from mtrec.features.spec import FeatureSpec, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.gradients import GradientConfig
-from mtrec.models.multitask import MultiTaskModel
-from mtrec.pipeline.local import train_local
+from features.spec import FeatureSpec, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.gradients import GradientConfig
+from models.multitask import MultiTaskModel
+from pipeline.local import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/census.yaml"

@@ -11,8 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.generator import generate_logs
+from features.generator import GeneratorConfig, generate_logs
 
 
 def main() -> None:

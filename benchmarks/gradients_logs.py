@@ -34,14 +34,13 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, TaskKind, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.gradients import GradientConfig
-from mtrec.pipeline.evaluate import score_files, task_metrics
-from mtrec.pipeline.local import train_local
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, TaskKind, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.gradients import GradientConfig
+from pipeline.evaluate import score_files, task_metrics
+from pipeline.local import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/behaviour_logs.yaml"

@@ -18,11 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.features.validate import check_files, validate_rows
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from features.validate import check_files, validate_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "configs" / "features" / "behaviour_logs.yaml"

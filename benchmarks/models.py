@@ -5,7 +5,7 @@
 Generates the quality experiment's logs (seed 0), transforms ``--warmup + --steps`` batches of the last day once,
 then for every architecture (the ``model:`` sections of ``configs/experiments/*.yaml``, plus the combinations without
 a YAML) builds the unsharded model under a fixed seed and times full training steps on those same batches (forward,
-the losses, backward, Adam on dense parameters and fused Adagrad on the tables: ``mtrec.pipeline.local.train_step``)
+the losses, backward, Adam on dense parameters and fused Adagrad on the tables: ``pipeline.local.train_step``)
 and the forward pass alone (inference). Reports wall time and this process's CPU time per step: on a shared machine
 the CPU time is the steadier number. Single-threaded by default (``--threads``).
 
@@ -29,14 +29,13 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.batch import Batch
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.multitask import MultiTaskLoss, build_model, format_parameter_report, parameter_report
-from mtrec.pipeline.local import make_optimizers, train_step
+from features.batch import Batch
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.multitask import MultiTaskLoss, build_model, format_parameter_report, parameter_report
+from pipeline.local import make_optimizers, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "configs/experiments"

@@ -4,8 +4,8 @@ with the oracle beside.
     .venv/bin/python benchmarks/models_quality.py --seeds 0 1 2
 
 For each seed: generate ``--days`` days of logs (the generator seed is the run's seed), train every architecture on
-all days but the last with ``mtrec.pipeline.local.train_local`` (same seed: same initial dense-layer draw order and
-batch order per architecture), score the last day, and compute ``mtrec.pipeline.evaluate.task_metrics`` for the
+all days but the last with ``pipeline.local.train_local`` (same seed: same initial dense-layer draw order and
+batch order per architecture), score the last day, and compute ``pipeline.evaluate.task_metrics`` for the
 model and for the oracle on the same rows. Architectures are the ``model:`` sections of the experiment YAMLs
 (``configs/experiments/<file>``), so the table measures exactly what the pipeline would train.
 
@@ -36,15 +36,14 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, TaskKind, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.dtrn import DTRNBottom
-from mtrec.models.multitask import MultiTaskModel
-from mtrec.pipeline.evaluate import score_files, task_metrics
-from mtrec.pipeline.local import train_local
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, TaskKind, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.dtrn import DTRNBottom
+from models.multitask import MultiTaskModel
+from pipeline.evaluate import score_files, task_metrics
+from pipeline.local import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/behaviour_logs.yaml"

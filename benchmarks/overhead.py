@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/overhead.py --out benchmarks/results/overhead.json
 
-Model: the pipeline's model (``mtrec.models.multitask.build_model``) with the ``model:`` section of
+Model: the pipeline's model (``models.multitask.build_model``) with the ``model:`` section of
 ``--model-config`` (default ``configs/experiments/demo.yaml``, the pipeline's default model: plain bottom, shared
 bottom [128, 64], towers [32]) on the behaviour-log spec, sharded by ``DistributedModelParallel`` (one gloo process,
 fused row-wise Adagrad tables), the pipeline's ``MultiTaskLoss`` (ctr, ESMM cvr, dwell given ctr) and dense Adam.
@@ -42,15 +42,14 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.batch import Batch
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.gradients import DRGradRouter, GradientConfig, GradientMethod, build_gradient_method, head_config
-from mtrec.models.multitask import MultiTaskLoss, build_model
-from mtrec.models.sharding import dense_optimizer, embedding_sharders, shard_model
+from features.batch import Batch
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.gradients import DRGradRouter, GradientConfig, GradientMethod, build_gradient_method, head_config
+from models.multitask import MultiTaskLoss, build_model
+from models.sharding import dense_optimizer, embedding_sharders, shard_model
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/behaviour_logs.yaml"

@@ -4,7 +4,7 @@ samples/s in one run.
     .venv/bin/pip install --no-deps -r requirements/bench.txt   # once: torch-rechub (benchmark only)
     .venv/bin/python benchmarks/peers.py --seeds 0 1 2 --epochs 4 --batch-size 1024
 
-Data: the converter's Parquet (``python -m mtrec.features.census``): ``runs/census/logs/dt=1994-01-01`` trains,
+Data: the converter's Parquet (``python -m features.census``): ``runs/census/logs/dt=1994-01-01`` trains,
 ``dt=1994-01-02`` validates, ``dt=1994-01-03`` tests. Both sides read the same inputs: every categorical column
 hashed into its spec table exactly as our ``BatchTransform`` does (so the peer's ``SparseFeature`` vocabulary is the
 table's ``num_buckets`` and its ``embed_dim`` the table's ``dim``), and the dense features transformed and
@@ -13,7 +13,7 @@ standardised with our train-split stats.
 Models (all built under ``torch.manual_seed(seed)``):
 
 * ``mtrec_mmoe``: the ``model:`` section of ``configs/experiments/census.yaml`` (MMoE, 8 experts [64], towers [32]),
-  trained with ``mtrec.pipeline.local.train_local`` (Adam on dense layers at ``--lr``, Adagrad on the tables at
+  trained with ``pipeline.local.train_local`` (Adam on dense layers at ``--lr``, Adagrad on the tables at
   ``--embedding-lr``: the pipeline's split).
 * ``mtrec_ple``: the same with ``top: ple`` and the ``ple:`` section of ``configs/experiments/ple.yaml``
   (2 levels, 1 task expert + 2 shared experts per level, experts [64]).
@@ -75,12 +75,12 @@ from torch_rechub.models.multi_task import MMOE, PLE
 from torch_rechub.trainers import MTLTrainer
 from torch_rechub.utils.data import TorchDataset
 
-from mtrec.features.batch import Batch
-from mtrec.features.spec import FeatureSpec, load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.multitask import MultiTaskModel, parameter_report
-from mtrec.pipeline.local import train_local
+from features.batch import Batch
+from features.spec import FeatureSpec, load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.multitask import MultiTaskModel, parameter_report
+from pipeline.local import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/census.yaml"

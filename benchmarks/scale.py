@@ -18,7 +18,7 @@ from pathlib import Path
 
 from train_throughput import REPO, prepare, run_side  # sibling script: benchmarks/ is on sys.path when run
 
-from mtrec.config import ExperimentConfig
+from pipeline.config import ExperimentConfig
 
 SCALE_SPEC = REPO / "configs" / "features" / "behaviour_logs_scale.yaml"
 # The item table (12M of the 20.4M rows) is pinned row-wise; on CPU this TorchRec build offers no row-wise kernel for

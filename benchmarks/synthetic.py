@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/synthetic.py --n-train 10000 --ps -0.5 0.9 --seeds 0 1 2 \
         --out benchmarks/results/synthetic.json
 
-Model: the pipeline's ``MMoE`` top (``mtrec.models.tops``; 8 experts of one 16-unit layer over the 512-d input, one
-gate per task) under the DRGrad head (``mtrec.models.drgrad.SplitTowerHead``; towers [8] -> 1). ``split: false`` is
-plain MMoE (T1 on gate 1, T2 on gate 2). Gradients through ``mtrec.models.gradients.build_gradient_method``.
+Model: the pipeline's ``MMoE`` top (``models.tops``; 8 experts of one 16-unit layer over the 512-d input, one
+gate per task) under the DRGrad head (``models.drgrad.SplitTowerHead``; towers [8] -> 1). ``split: false`` is
+plain MMoE (T1 on gate 1, T2 on gate 2). Gradients through ``models.gradients.build_gradient_method``.
 
 Paired design (the spec: re-drawing initial weights alone moves results by up to 0.03): for a given (p, seed) every
 method sees the same data, the same batch order and the same initial weights (experts, gates, and T1' / T2; T1'' has
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from mtrec.features.synthetic import make_synthetic
-from mtrec.models.gradients import GradientConfig, build_gradient_method, build_split_head
-from mtrec.models.tops import MMoE
+from features.synthetic import make_synthetic
+from models.gradients import GradientConfig, build_gradient_method, build_split_head
+from models.tops import MMoE
 
 TASKS = ["task1", "task2"]  # task1 is the primary (DRGrad's split tower)
 

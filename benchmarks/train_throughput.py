@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtrec.config import ExperimentConfig, load_config
-from mtrec.features.spec import FeatureSpec
-from mtrec.features.stats import DenseStats
-from mtrec.features.transform import BatchTransform
-from mtrec.pipeline.ingest import IngestResult, ingest
-from mtrec.pipeline.run import generate
-from mtrec.pipeline.train import _all_have_batch, _arrow_collate, build_training, train_step
+from features.spec import FeatureSpec
+from features.stats import DenseStats
+from features.transform import BatchTransform
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.ingest import IngestResult, ingest
+from pipeline.run import generate
+from pipeline.train import _all_have_batch, _arrow_collate, build_training, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 

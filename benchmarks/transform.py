@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtrec.features.spec import load_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from features.spec import load_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "configs/features/behaviour_logs.yaml"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtrec.config import ExperimentConfig, load_config
+from pipeline.config import ExperimentConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_CONFIG = REPO / "configs" / "experiments" / "small.yaml"
@@ -45,7 +45,7 @@ def ray_local() -> Iterator[None]:
     """One local Ray for the whole session (start-up costs several seconds)."""
     import ray
 
-    from mtrec.pipeline.runtime import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     ensure_ray(small_config(Path("/tmp/unused")))
     yield
@@ -55,7 +55,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None):  # type: ignore[no-untyped-def]
     """Generate -> ingest -> train -> evaluate -> register on the small config, once."""
-    from mtrec.pipeline.run import run_pipeline
+    from pipeline.run import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("pipeline")
     cfg = small_config(run_dir, *DRGRAD_SET)

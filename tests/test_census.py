@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtrec.features.census import (
+from features.census import (
     CATEGORICAL,
     CONTINUOUS,
     PARTITIONS,
@@ -20,10 +20,10 @@ from mtrec.features.census import (
     snake,
     split_test_indices,
 )
-from mtrec.features.spec import IdType, load_feature_spec
-from mtrec.features.stats import DenseStats
-from mtrec.features.transform import BatchTransform
-from mtrec.features.validate import check_files, validate_rows
+from features.spec import IdType, load_feature_spec
+from features.stats import DenseStats
+from features.transform import BatchTransform
+from features.validate import check_files, validate_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO.parent / "shared" / "data" / "census_income_kdd"
@@ -56,7 +56,7 @@ def test_row_counts_and_partitions(converted: CensusConversion) -> None:
 
 def test_views_give_the_pipeline_its_evaluation_window(converted: CensusConversion) -> None:
     # The ingest stage evaluates on the last partition(s): views/tune ends with validation, views/final with test.
-    from mtrec.pipeline.ingest import discover_partitions, split_windows
+    from pipeline.ingest import discover_partitions, split_windows
 
     for view, (train_split, eval_split) in VIEWS.items():
         parts = discover_partitions(converted.out_dir / "views" / view)

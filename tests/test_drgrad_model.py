@@ -14,17 +14,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.batch import Batch
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec
-from mtrec.features.stats import DenseStats
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.drgrad import SplitTowerHead
-from mtrec.models.gradients import GradientConfig, build_gradient_method, head_config
-from mtrec.models.io import MODEL_FILE, WEIGHTS_FILE, load_model
-from mtrec.models.multitask import MultiTaskLoss, build_model, parameter_report, set_output_bias
+from features.batch import Batch
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec
+from features.stats import DenseStats
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.drgrad import SplitTowerHead
+from models.gradients import GradientConfig, build_gradient_method, head_config
+from models.io import MODEL_FILE, WEIGHTS_FILE, load_model
+from models.multitask import MultiTaskLoss, build_model, parameter_report, set_output_bias
 from tests.test_models import SMALL, small_spec
 
 PAPER: dict[str, Any] = {

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtrec.config import GeneratorConfig
-from mtrec.features import generator as gen
-from mtrec.features.generator import LOG_SCHEMA, ORACLE_SCHEMA, GenerationResult, generate_logs
-from mtrec.features.spec import IdType, load_feature_spec
+from features import generator as gen
+from features.generator import LOG_SCHEMA, ORACLE_SCHEMA, GenerationResult, GeneratorConfig, generate_logs
+from features.spec import IdType, load_feature_spec
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "configs" / "features" / "behaviour_logs.yaml"
 

@@ -1,4 +1,4 @@
-"""Gradient methods (mtrec.models.gradients) and the DRGrad head (mtrec.models.drgrad) against hand computations."""
+"""Gradient methods (models.gradients) and the DRGrad head (models.drgrad) against hand computations."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from mtrec.models.drgrad import PersonalizedGate, SplitTowerHead, per_sample_route
-from mtrec.models.gradients import (
+from models.drgrad import PersonalizedGate, SplitTowerHead, per_sample_route
+from models.gradients import (
     DRGradRouter,
     GradientConfig,
     PCGrad,
@@ -379,7 +379,7 @@ def test_drgrad_multi_aux_per_task_by_hand() -> None:
     assert ref.shared is not None and head.shared is not None
     g_own, g_sh = _flat_grads(ref.own), _flat_grads(ref.shared)
     seg = Segments.of([p.numel() for p in ref.own.parameters()], [True, False, False, False])
-    from mtrec.models.gradients import paper_terms
+    from models.gradients import paper_terms
 
     tb, t2, r1b, _ = paper_terms(g_own, g_sh, _flat_grads(ref.aux["b"]), seg, 1.0)
     tb_c, t2_c, r1b_c, _ = paper_terms(g_own, g_sh, _flat_grads(ref.aux["c"]), seg, 1.0)
@@ -507,7 +507,7 @@ def test_personalized_gate_starts_as_identity() -> None:
 def test_module_docstring_example_runs() -> None:
     import doctest
 
-    import mtrec.models.gradients as gradients
+    import models.gradients as gradients
 
     result = doctest.testmod(gradients, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

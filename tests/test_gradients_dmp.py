@@ -26,8 +26,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.models.gradients import GradientConfig, build_gradient_method, build_split_head
-from mtrec.models.sharding import dense_optimizer, embedding_sharders
+from models.gradients import GradientConfig, build_gradient_method, build_split_head
+from models.sharding import dense_optimizer, embedding_sharders
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def _gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _shard(model: nn.Module, device: torch.device) -> DistributedModelParallel:
-    """As ``mtrec.models.sharding.shard_model``, but with one table forced table-wise (fused optimizer, gradients
+    """As ``models.sharding.shard_model``, but with one table forced table-wise (fused optimizer, gradients
     never materialised) and one data-parallel (a DDP parameter), so both kinds are covered."""
     sharders = embedding_sharders("sgd", 0.05)
     constraints = {

@@ -26,7 +26,7 @@ IMAGE_SRC = "/opt/mtrec/"  # where the training images keep the repository (dock
 
 # The `mtrec` subcommands the deployment files may call: the CLI contract. `daily` (used by infra/cron) and `promote`
 # are planned: test_job_commands_are_registered_in_the_cli xfails while the CLI lacks one of them that a manifest
-# calls, and enforces it as soon as mtrec/jobs/cli.py registers it. Any other missing command fails.
+# calls, and enforces it as soon as jobs/cli.py registers it. Any other missing command fails.
 CLI_CONTRACT = {"generate", "ingest", "train", "evaluate", "register", "promote", "run", "daily"}
 PLANNED_COMMANDS = {"daily", "promote"}
 
@@ -362,11 +362,11 @@ def mtrec_calls(root: Path) -> list[MtrecCall]:
 
 
 def cli_commands() -> set[str] | None:
-    """The subcommands mtrec/jobs/cli.py registers, or None while it cannot be imported."""
+    """The subcommands jobs/cli.py registers, or None while it cannot be imported."""
     try:
         import typer.main
 
-        from mtrec.jobs.cli import app
+        from jobs.cli import app
     except ImportError:
         return None
     return set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
@@ -419,7 +419,7 @@ def test_training_dockerfiles_install_through_the_install_script():
         for m in text_mentions(dockerfile_text_resolved(path), name):
             assert m.package not in {"torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "ray", "mlflow"}, m
         copies = " ".join(i.value for i in parse_dockerfile(path.read_text()) if i.cmd == "COPY")
-        for needed in ("scripts/", "requirements/", "pyproject.toml", "mtrec/"):
+        for needed in ("scripts/", "requirements/", "pyproject.toml", "features/", "models/", "pipeline/", "jobs/"):
             assert needed in copies, f"{name}: install.sh needs {needed} in the image"
 
 
@@ -512,16 +512,16 @@ def test_job_commands_are_part_of_the_cli_contract():
 def test_job_commands_are_registered_in_the_cli():
     registered = cli_commands()
     if registered is None:
-        pytest.skip("mtrec.jobs.cli is not importable")
+        pytest.skip("jobs.cli is not importable")
     missing = {c.command for c in mtrec_calls(ROOT)} - registered
     assert not missing - PLANNED_COMMANDS, f"manifests call commands the CLI lacks: {sorted(missing)}"
     if missing:
-        pytest.xfail(f"planned but not yet in mtrec/jobs/cli.py: {sorted(missing)}")
+        pytest.xfail(f"planned but not yet in jobs/cli.py: {sorted(missing)}")
 
 
 def test_job_configs_and_overrides_are_valid():
     """Every --config exists in the repo (at /opt/mtrec in the images) and the --set overrides are config fields."""
-    from mtrec.config import load_config
+    from pipeline.config import load_config
 
     for c in mtrec_calls(ROOT):
         assert c.config

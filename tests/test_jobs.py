@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mtrec.jobs.cli import app
+from jobs.cli import app
 from tests.conftest import SMALL_CONFIG, small_config
 
 VENV_BIN = Path(sys.executable).parent
@@ -86,8 +86,8 @@ TINY = (
 def test_daily_twice_for_a_day_registers_once_and_warm_starts(ray_local: None, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from mtrec.jobs.daily import run_daily
-    from mtrec.pipeline.run import generate
+    from jobs.daily import run_daily
+    from pipeline.run import generate
 
     cfg = small_config(tmp_path, *TINY)
     dates = generate(cfg).dates
@@ -161,7 +161,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     temp dir, never by ``ray stop`` (which would stop every Ray on this shared machine)."""
     from ray.job_submission import JobSubmissionClient
 
-    from mtrec.jobs.submit import enable_ray_token_auth
+    from jobs.submit import enable_ray_token_auth
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must stay under 108 chars
     dashboard = free_port()
@@ -235,7 +235,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_submit_runs_a_command_on_a_ray_head_and_streams_logs(ray_head: str, tmp_path: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    from mtrec.jobs.submit import build_entrypoint, submit
+    from jobs.submit import build_entrypoint, submit
 
     overrides = [
         f"run_dir={tmp_path}",

@@ -13,16 +13,15 @@ import pytest
 import torch
 import yaml
 
-from mtrec.config import GeneratorConfig, load_config
-from mtrec.features.batch import Batch
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, load_feature_spec, parse_feature_spec
-from mtrec.features.stats import DenseStats
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.dtrn import DTRNBottom, HyperNetwork
-from mtrec.models.embeddings import SparseOutput
-from mtrec.models.multitask import (
+from features.batch import Batch
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, load_feature_spec, parse_feature_spec
+from features.stats import DenseStats
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.dtrn import DTRNBottom, HyperNetwork
+from models.embeddings import SparseOutput
+from models.multitask import (
     MultiTaskLoss,
     MultiTaskModel,
     build_model,
@@ -30,8 +29,9 @@ from mtrec.models.multitask import (
     parameter_report,
     set_output_bias,
 )
-from mtrec.models.tops import PLE, MMoE, SharedBottom
-from mtrec.pipeline.local import train_local
+from models.tops import PLE, MMoE, SharedBottom
+from pipeline.config import load_config
+from pipeline.local import train_local
 
 REPO = Path(__file__).resolve().parents[1]
 BOTTOMS = ["plain", "dtrn"]

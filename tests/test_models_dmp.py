@@ -20,13 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from mtrec.config import GeneratorConfig
-from mtrec.features.generator import generate_logs
-from mtrec.features.spec import FeatureSpec, parse_feature_spec
-from mtrec.features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
-from mtrec.models.config import ModelConfig
-from mtrec.models.multitask import MultiTaskLoss, build_model
-from mtrec.models.sharding import dense_optimizer, embedding_sharders, gather_state_dict, shard_model
+from features.generator import GeneratorConfig, generate_logs
+from features.spec import FeatureSpec, parse_feature_spec
+from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
+from models.config import ModelConfig
+from models.multitask import MultiTaskLoss, build_model
+from models.sharding import dense_optimizer, embedding_sharders, gather_state_dict, shard_model
 
 REPO = Path(__file__).resolve().parents[1]
 COMBOS = [(b, t) for b in ("plain", "dtrn") for t in ("shared_bottom", "mmoe", "cgc", "ple")]

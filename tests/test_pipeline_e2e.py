@@ -92,8 +92,8 @@ def test_fresh_process_scores_raw_rows_like_evaluation(pipeline_run, tmp_path: P
     script = f"""
 import json, sys
 import mlflow, pyarrow.parquet as pq
-from mtrec.features.spec import load_feature_spec
-from mtrec.pipeline.pyfunc import feature_columns
+from features.spec import load_feature_spec
+from pipeline.pyfunc import feature_columns
 mlflow.set_tracking_uri({cfg.tracking_uri()!r})
 model = mlflow.pyfunc.load_model("models:/{cfg.mlflow.model_name}@challenger")
 table = pq.read_table({eval_file!r}).slice(0, 300)

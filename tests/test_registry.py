@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from mtrec.config import ExperimentConfig
-from mtrec.pipeline.promote import gate
-from mtrec.pipeline.register import is_transient, redact
+from pipeline.config import ExperimentConfig
+from pipeline.promote import gate
+from pipeline.registry import is_transient, redact
 from tests.conftest import DRGRAD_SET, small_config
 
 VENV_BIN = Path(sys.executable).parent
@@ -189,9 +189,9 @@ def http_config(pipeline_run: Any, run_dir: Path, server: MlflowServer, name: st
 
 
 def stages(run_dir: Path) -> tuple[Any, Any, Any]:
-    from mtrec.pipeline.evaluate import EvalResult
-    from mtrec.pipeline.ingest import IngestResult
-    from mtrec.pipeline.train import TrainResult
+    from pipeline.evaluate import EvalResult
+    from pipeline.ingest import IngestResult
+    from pipeline.train import TrainResult
 
     return (
         IngestResult.load(run_dir / "ingest.json"),
@@ -207,7 +207,7 @@ def variant(pipeline_run: Any, run_dir: Path, cfg: ExperimentConfig, kind: str) 
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mtrec.pipeline.evaluate import evaluate
+    from pipeline.evaluate import evaluate
 
     stage_run_dir(pipeline_run, run_dir)
     ingested, trained, _ = stages(run_dir)
@@ -249,8 +249,8 @@ def versions(cfg: ExperimentConfig) -> list[Any]:
 @pytest.fixture(scope="module")
 def champion_a(pipeline_run: Any, server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Model 'reg-a': the trained model registered twice (one version) and promoted (first champion)."""
-    from mtrec.pipeline.promote import promote
-    from mtrec.pipeline.register import register
+    from pipeline.promote import promote
+    from pipeline.register import register
 
     run_dir = tmp_path_factory.mktemp("reg_a")
     stage_run_dir(pipeline_run, run_dir)
@@ -311,8 +311,8 @@ def test_first_model_becomes_champion(champion_a: Any) -> None:
 def test_gate_rejects_a_regression_and_promotes_a_pass(pipeline_run: Any, server: MlflowServer, tmp_path: Path) -> None:
     import mlflow
 
-    from mtrec.pipeline.promote import promote
-    from mtrec.pipeline.register import register
+    from pipeline.promote import promote
+    from pipeline.register import register
 
     base_dir = tmp_path / "base"
     stage_run_dir(pipeline_run, base_dir)
@@ -371,7 +371,8 @@ def test_gate_rejects_a_regression_and_promotes_a_pass(pipeline_run: Any, server
 def test_server_down_fails_clearly_and_a_later_register_finishes(
     pipeline_run: Any, server: MlflowServer, tmp_path: Path
 ) -> None:
-    from mtrec.pipeline.register import RegistryUnavailableError, register
+    from pipeline.register import register
+    from pipeline.registry import RegistryUnavailableError
 
     run_dir = tmp_path / "down"
     stage_run_dir(pipeline_run, run_dir)

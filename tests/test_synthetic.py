@@ -1,4 +1,4 @@
-"""MMoE synthetic generator (mtrec.features.synthetic)."""
+"""MMoE synthetic generator (features.synthetic)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mtrec.features.synthetic import make_synthetic
+from features.synthetic import make_synthetic
 
 
 def test_shapes_types_and_balance() -> None:

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtrec.config import ExperimentConfig
-from mtrec.models.sharding import ShardingPlanError, table_bytes
-from mtrec.pipeline.evaluate import evaluate
-from mtrec.pipeline.ingest import IngestResult, ingest
-from mtrec.pipeline.run import generate
-from mtrec.pipeline.train import TrainResult, train
+from models.sharding import ShardingPlanError, table_bytes
+from pipeline.config import ExperimentConfig
+from pipeline.evaluate import evaluate
+from pipeline.ingest import IngestResult, ingest
+from pipeline.run import generate
+from pipeline.train import TrainResult, train
 from tests.conftest import DRGRAD_SET, SMALL_CONFIG, small_config
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,7 @@ def test_driver_killed_then_resume(straight: Straight, tmp_path: Path) -> None:
         f"train.max_steps={STEPS}",
         "train.checkpoint_every_steps=5",
     ]
-    args = [sys.executable, "-m", "mtrec.jobs.cli", "train", "--config", str(SMALL_CONFIG)]
+    args = [sys.executable, "-m", "jobs.cli", "train", "--config", str(SMALL_CONFIG)]
     for o in overrides:
         args += ["--set", o]
     # A new session, so killing its group takes down the driver and the local Ray it started: a crashed machine.

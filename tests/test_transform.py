@@ -17,9 +17,9 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
 
-from mtrec.features.spec import FeatureSpec, IdType, load_feature_spec, parse_feature_spec
-from mtrec.features.stats import DenseStats
-from mtrec.features.transform import (
+from features.spec import FeatureSpec, IdType, load_feature_spec, parse_feature_spec
+from features.stats import DenseStats
+from features.transform import (
     BatchTransform,
     compute_dense_moments,
     dense_stats_from_moments,
@@ -352,8 +352,8 @@ def test_shared_table_features_hash_identically() -> None:
 def test_string_hash_stable_across_processes() -> None:
     words = ["ios", "android", "web", "长查询", ""]
     code = (
-        "import json, sys, pyarrow as pa; from mtrec.features.transform import hash_ids; "
-        "from mtrec.features.spec import IdType; "
+        "import json, sys, pyarrow as pa; from features.transform import hash_ids; "
+        "from features.spec import IdType; "
         "print(json.dumps(hash_ids(pa.array(json.loads(sys.argv[1])), 1_000_003, IdType.string).tolist()))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different salt for Python's hash(): must not matter

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtrec.features.spec import FeatureSpec, load_feature_spec, parse_feature_spec
-from mtrec.features.validate import (
+from features.spec import FeatureSpec, load_feature_spec, parse_feature_spec
+from features.validate import (
     DataValidationError,
     TooManyBadRowsError,
     ValidationCounts,

@@ -1,0 +1,44 @@
+"""Loading a trained model from the folder the train stage writes (unsharded safetensors weights + description)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from features.spec import FeatureSpec
+from features.stats import DenseStats
+from models.config import ModelConfig
+from models.gradients import GradientConfig, head_config
+from models.multitask import MultiTaskModel, build_model
+
+WEIGHTS_FILE = "weights.safetensors"
+MODEL_FILE = "model.json"
+
+
+@dataclass
+class LoadedModel:
+    model: MultiTaskModel
+    spec: FeatureSpec
+    stats: DenseStats
+    model_config: ModelConfig
+
+
+def load_model(model_dir: str | Path, device: torch.device | None = None) -> LoadedModel:
+    """Rebuild the model on ``device`` (CPU by default) and load its weights. safetensors holds tensors only, so
+    loading a model folder never runs code from it."""
+    model_dir = Path(model_dir)
+    description = json.loads((model_dir / MODEL_FILE).read_text())
+    spec = FeatureSpec.model_validate(description["spec"])
+    model_cfg = ModelConfig.model_validate(description["model"])
+    stats = DenseStats(**description["stats"])
+    # Older folders have no "gradients": they were trained with ordinary towers.
+    gradients = GradientConfig.model_validate(description.get("gradients") or {})
+    model = build_model(spec, model_cfg, device=device or torch.device("cpu"), drgrad=head_config(gradients))
+    state = load_file(str(model_dir / WEIGHTS_FILE), device=str(device or "cpu"))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(model=model, spec=spec, stats=stats, model_config=model_cfg)

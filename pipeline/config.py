@@ -1,0 +1,244 @@
+"""Experiment configuration: one YAML per experiment, validated by pydantic, with dotted overrides.
+
+    cfg = load_config("configs/experiments/demo.yaml", overrides=["train.batch_size=4096"])
+
+Relative paths in the YAML are resolved against the YAML's folder, so a config can be run from any directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from features.generator import GeneratorConfig
+from features.spec import FeatureSpec, load_feature_spec
+from models.config import ModelConfig
+from models.gradients import GradientConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    path: Path = Field(default=Path("runs/demo/logs"), description="root of dt=YYYY-MM-DD/part-*.parquet")
+    oracle_path: Path | None = Field(default=None, description="oracle Parquet (request id -> true probabilities)")
+    oracle_columns: dict[str, str] = Field(
+        default_factory=dict, description="prediction name (task, or parent_child for ESMM) -> oracle column"
+    )
+    train_days: int | None = Field(
+        default=None, ge=1, description="last N partitions before the eval window; all if unset"
+    )
+    eval_days: int = Field(default=1, ge=1)
+    max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
+
+
+ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+
+
+class ShardingConfig(_Strict):
+    """TorchRec planner inputs. ``tables`` pins a table to sharding types (the planner picks among them); tables not
+    listed are the planner's choice. ``memory_per_worker_gb`` caps what the planner may place on one worker."""
+
+    tables: dict[str, list[ShardingType]] = Field(default_factory=dict)
+    memory_per_worker_gb: float | None = Field(default=None, gt=0)
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1024, gt=0)
+    epochs: int = Field(default=1, ge=1)
+    dense_lr: float = Field(default=1e-3, gt=0)
+    embedding_lr: float = Field(default=0.05, gt=0)
+    embedding_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    seed: int = 0
+    log_every: int = Field(default=50, gt=0)
+    shuffle: Literal["none", "local"] = "local"
+    local_shuffle_buffer: int = Field(default=20_000, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="stop early (tests, smoke runs)")
+    checkpoint_every_steps: int | None = Field(default=None, ge=1, description="also checkpoint at each epoch end")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(
+        default=0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
+    )
+    sharding: ShardingConfig = ShardingConfig()
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(default=8192, gt=0)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(default=None, description="unset: sqlite:///<run_dir>/mlflow.db")
+    artifact_location: str | None = Field(default=None, description="unset: <run_dir>/mlartifacts")
+    experiment: str = "mtrec"
+    model_name: str = "mtrec-multitask"
+
+
+# Metrics the promotion gate understands, and which way is better: higher (AUC), lower (losses), or nearer 1.
+GATE_METRICS: dict[str, Literal["higher", "lower", "one"]] = {
+    "auc": "higher",
+    "gauc": "higher",
+    "logloss": "lower",
+    "rmse": "lower",
+    "calibration": "one",
+}
+
+
+class PromotionConfig(_Strict):
+    """The promotion gate: a challenger replaces the champion only if no gated metric regresses by more than allowed.
+
+    ``thresholds`` maps ``<evaluation name>.<metric>`` (``ctr.auc``, ``ctr_cvr.auc``, ``dwell.rmse``) to the largest
+    allowed drop, in the metric's own units: AUC may fall by at most that much, RMSE/logloss rise by at most that
+    much, calibration move away from 1 by at most that much. ``*.<metric>`` applies to every evaluation name that has
+    the metric and no explicit entry. A named entry whose evaluation name is missing fails the gate.
+    """
+
+    thresholds: dict[str, float] = Field(default_factory=lambda: {"*.auc": 0.005, "*.gauc": 0.005, "*.rmse": 0.01})
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, drop in value.items():
+            name, _, metric = key.rpartition(".")
+            if not name or metric not in GATE_METRICS:
+                raise ValueError(f"'{key}' must be <evaluation name or *>.<{'|'.join(GATE_METRICS)}>")
+            if drop < 0:
+                raise ValueError(f"'{key}': the allowed drop must be >= 0, got {drop}")
+        return value
+
+
+class RegistryConfig(_Strict):
+    """Talking to the registry: the register and promote stages retry the whole (idempotent) stage on connection
+    errors, sleeping ``backoff_s``, 2x, 4x ... (at most ``max_backoff_s``) between attempts."""
+
+    retries: int = Field(default=5, ge=0, description="attempts after the first, on connection errors only")
+    backoff_s: float = Field(default=10.0, ge=0)
+    max_backoff_s: float = Field(default=120.0, ge=0)
+    http_request_retries: int = Field(
+        default=2, ge=0, description="MLflow's own per-request retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES if unset)"
+    )
+    http_timeout_s: int = Field(default=120, gt=0, description="per request (MLFLOW_HTTP_REQUEST_TIMEOUT if unset)")
+
+
+class DailyConfig(_Strict):
+    """``mtrec daily``: train on the last ``train_days`` partitions before the evaluation day, warm-started from the
+    champion, register a challenger, run the promotion gate, write a report. One folder per day under ``run_root``."""
+
+    train_days: int = Field(default=7, ge=1)
+    warm_start: bool = Field(default=True, description="start from the champion's weights when it is compatible")
+    run_root: Path | None = Field(default=None, description="unset: <run_dir>/daily")
+
+
+class SubmitConfig(_Strict):
+    """``mtrec submit``: run a command of this CLI as a Ray job on a cluster (Ray Jobs API, the dashboard address).
+
+    Put no secrets in ``runtime_env``: Ray stores it with the job, visible in the dashboard. Clusters get credentials
+    from their own environment (e.g. a Kubernetes Secret, see infra/)."""
+
+    address: str | None = Field(
+        default=None, description="http://<head>:8265; unset: RAY_API_SERVER_ADDRESS, then an http RAY_ADDRESS"
+    )
+    entrypoint: str = Field(default="mtrec", description="how the cluster invokes this CLI")
+    runtime_env: dict[str, Any] = Field(default_factory=lambda: {"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    entrypoint_num_cpus: float | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="stop following (not the job) after this long")
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    run_dir: Path = Path("runs/demo")
+    features: Path = Field(description="feature spec YAML")
+    generator: GeneratorConfig = GeneratorConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    gradients: GradientConfig = GradientConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    registry: RegistryConfig = RegistryConfig()
+    daily: DailyConfig = DailyConfig()
+    submit: SubmitConfig = SubmitConfig()
+
+    def feature_spec(self) -> FeatureSpec:
+        return load_feature_spec(self.features)
+
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+
+    def artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.run_dir / "mlartifacts").resolve().as_uri()
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved config and the feature spec's content (paths excluded, they differ per machine)."""
+        # Operational sections (gate, retries, scheduling, submission) do not change what is trained: left out, so
+        # the hash of a config is the same as before they existed and a retry setting never looks like a new model.
+        operational = {name: True for name in ("promotion", "registry", "daily", "submit")}
+        body = self.model_dump(
+            mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True, **operational}
+        )
+        body["feature_spec"] = self.feature_spec().fingerprint()
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, source: str) -> None:
+    if "=" not in dotted:
+        raise ConfigError(f"override '{dotted}' must look like section.field=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' in {source} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)  # YAML scalars: 4096 -> int, true -> bool, [1,2] -> list
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> ExperimentConfig:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for o in overrides or []:
+        _set_dotted(data, o, source)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"invalid config {source}:"]
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+            got = f" (got {e.get('input')!r})" if e["loc"] else ""  # the root's input is the whole config
+            lines.append(f"  {loc}: {e['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML; relative paths resolve against the working directory where the run is started.
+
+    ``features`` resolves against the YAML's own folder (it sits beside the experiment configs); run paths
+    (``run_dir``, ``data.path``) resolve against the current directory so ``--set run_dir=...`` behaves as typed.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    if isinstance(data.get("features"), str) and not Path(data["features"]).is_absolute():
+        data["features"] = str((path.parent / data["features"]).resolve())
+    cfg = parse_config(data, str(path), overrides)
+    cfg.feature_spec()  # fail early, naming the spec file, if it is broken
+    return cfg

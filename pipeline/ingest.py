@@ -1,0 +1,181 @@
+"""Ingest stage: find the date partitions, split the windows, validate every file, quarantine bad rows, and compute the
+training window's dense statistics.
+
+Ray Data maps over the files: each file is read, validated and written back (clean rows to ``<run_dir>/ingested``,
+bad rows with their reason to a quarantine part) by one task, so no process ever holds the whole window and the work
+spreads over a cluster. The driver only merges counts, moments and the (small) quarantine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.spec import FeatureSpec
+from features.stats import DenseStats
+from features.transform import compute_dense_moments, dense_stats_from_moments
+from features.validate import (
+    DataValidationError,
+    ValidationCounts,
+    check_files,
+    counts_of,
+    validate_rows,
+    write_quarantine,
+)
+from pipeline.config import ExperimentConfig
+
+_PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the later stages need; saved as ``<run_dir>/ingest.json`` so stages can run as separate commands."""
+
+    train_dates: list[str]
+    eval_dates: list[str]
+    train_files: list[str]
+    eval_files: list[str]
+    quarantine_path: str
+    stats_path: str
+    counts: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> ValidationCounts as dict
+
+    @property
+    def stats(self) -> DenseStats:
+        return DenseStats.load(self.stats_path)
+
+    def total_counts(self) -> ValidationCounts:
+        total = ValidationCounts(0, 0, 0, {})
+        for c in self.counts.values():
+            total = total.merge(ValidationCounts(**c))
+        return total
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> IngestResult:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the ingest stage first")
+        return cls(**json.loads(path.read_text()))
+
+
+def discover_partitions(root: Path) -> dict[str, list[Path]]:
+    """``dt=YYYY-MM-DD`` folder -> its Parquet files, sorted by date. Fails naming the folder if none is usable."""
+    if not root.is_dir():
+        raise DataValidationError(f"log folder {root} does not exist", file=str(root), column=None)
+    parts: dict[str, list[Path]] = {}
+    for child in sorted(root.iterdir()):
+        m = _PARTITION.match(child.name)
+        if child.is_dir() and m:
+            files = sorted(child.glob("*.parquet"))
+            if files:
+                parts[m.group(1)] = files
+    if not parts:
+        raise DataValidationError(f"no dt=YYYY-MM-DD/*.parquet partitions under {root}", file=str(root), column=None)
+    return dict(sorted(parts.items()))
+
+
+def split_windows(dates: list[str], train_days: int | None, eval_days: int) -> tuple[list[str], list[str]]:
+    """The last ``eval_days`` partitions evaluate; the ``train_days`` before them (all, if unset) train."""
+    if len(dates) <= eval_days:
+        raise DataValidationError(
+            f"need more than eval_days={eval_days} date partitions, found {len(dates)}: {dates}", file=None, column=None
+        )
+    eval_dates = dates[-eval_days:]
+    train_dates = dates[:-eval_days]
+    if train_days is not None:
+        train_dates = train_dates[-train_days:]
+    return train_dates, eval_dates
+
+
+def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Data row = one input file. Writes the clean and quarantined parts; returns counts and moments."""
+    spec = FeatureSpec.model_validate_json(row["spec_json"])
+    src = row["path"]
+    try:
+        table = pq.read_table(src)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataValidationError(f"{src}: cannot read file: {err}", file=src, column=None) from err
+    clean, bad = validate_rows(table, spec, source=src)
+    Path(row["clean_path"]).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(clean, row["clean_path"])
+    if bad.num_rows:
+        Path(row["bad_path"]).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(bad, row["bad_path"])
+    counts = counts_of(clean, bad)
+    moments = compute_dense_moments(clean, spec) if row["split"] == "train" else {}
+    return {
+        "split": row["split"],
+        "counts_json": json.dumps(asdict(counts)),
+        "moments_json": json.dumps(moments),
+        "bad_path": row["bad_path"] if bad.num_rows else "",
+    }
+
+
+def ingest(cfg: ExperimentConfig) -> IngestResult:
+    """Validate the training and evaluation windows of ``cfg.data.path`` into ``cfg.run_dir``."""
+    import ray
+
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(cfg)  # before any Ray Data call, which would otherwise start a default-sized local Ray
+    spec = cfg.feature_spec()
+    partitions = discover_partitions(cfg.data.path)
+    train_dates, eval_dates = split_windows(list(partitions), cfg.data.train_days, cfg.data.eval_days)
+    files = [(d, f) for d in [*train_dates, *eval_dates] for f in partitions[d]]
+    check_files([f for _, f in files], spec)  # schema problems of every file, in one error
+
+    out = cfg.run_dir.resolve() / "ingested"
+    staging = cfg.run_dir.resolve() / "quarantine_parts"
+    for stale in (out, staging):  # a re-run must not mix in an earlier run's parts
+        shutil.rmtree(stale, ignore_errors=True)
+    tasks = []
+    for i, (date, f) in enumerate(files):
+        split = "eval" if date in eval_dates else "train"
+        tasks.append(
+            {
+                "path": str(f.resolve()),
+                "split": split,
+                "clean_path": str(out / split / f"dt={date}" / f"part-{i:05d}.parquet"),
+                "bad_path": str(staging / f"part-{i:05d}.parquet"),
+                "spec_json": spec.model_dump_json(),
+            }
+        )
+    # One block per file, so files validate in parallel tasks.
+    results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(_validate_file).take_all()
+
+    counts: dict[str, ValidationCounts] = {}
+    moments: list[dict[str, tuple[int, float, float]]] = []
+    for r in results:
+        c = ValidationCounts(**json.loads(r["counts_json"]))
+        counts[r["split"]] = counts[r["split"]].merge(c) if r["split"] in counts else c
+        if r["split"] == "train":
+            moments.append({k: tuple(v) for k, v in json.loads(r["moments_json"]).items()})  # type: ignore[misc]
+
+    quarantine_path = cfg.run_dir.resolve() / "quarantine.parquet"
+    bad_tables = [pq.read_table(r["bad_path"]) for r in results if r["bad_path"]]
+    write_quarantine(bad_tables, quarantine_path, schema=pq.read_schema(files[0][1]))
+    stats = dense_stats_from_moments(moments, spec)
+    stats_path = cfg.run_dir.resolve() / "dense_stats.json"
+    stats.save(stats_path)
+
+    result = IngestResult(
+        train_dates=train_dates,
+        eval_dates=eval_dates,
+        train_files=sorted(t["clean_path"] for t in tasks if t["split"] == "train"),
+        eval_files=sorted(t["clean_path"] for t in tasks if t["split"] == "eval"),
+        quarantine_path=str(quarantine_path),
+        stats_path=str(stats_path),
+        counts={k: asdict(v) for k, v in counts.items()},
+    )
+    result.save(cfg.run_dir.resolve() / "ingest.json")
+    # Fail after writing the quarantine, so the user can inspect what was rejected.
+    result.total_counts().check(cfg.data.max_bad_fraction, str(quarantine_path))
+    return result

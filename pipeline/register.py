@@ -1,0 +1,453 @@
+"""Register stage: one MLflow run with the resolved config, data and quarantine counts, metrics, a model card and plots;
+the model logged as a pyfunc (unsharded weights + the feature transform) and registered as a new version with tags and
+the ``challenger`` alias. Works against the embedded SQLite store and an ``mlflow server`` over HTTP alike.
+
+Registering is idempotent and resumable. The key is the hash of the trained weights (``model_hash`` tag on the run
+and the version): a version that already carries it is returned as is (finished first if an earlier attempt stopped
+half-way), a finished run that already logged the model is reused, and a half-logged run is marked FAILED and redone.
+So the whole stage can simply be retried: on connection errors it is, with exponential backoff
+(``registry.retries``/``backoff_s``); when the server stays down it fails with a message naming the tracking URI
+(without credentials) and where the trained model stays on disk, and ``mtrec register`` later finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import mlflow
+import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from models.gradients import head_config
+from models.io import MODEL_FILE, WEIGHTS_FILE
+from pipeline.config import ExperimentConfig
+from pipeline.evaluate import EvalResult
+from pipeline.ingest import IngestResult
+from pipeline.promote import compare_with_champion, gate
+from pipeline.pyfunc import MODEL_DIR_ARTIFACT, feature_columns, model_signature
+from pipeline.registry import (
+    CHALLENGER,
+    MODEL_HASH_TAG,
+    call_with_retries,
+    http_settings,
+    is_transient,
+    model_hash,
+    redact,
+    registry_client,
+    versions_with_tag,
+)
+from pipeline.report import GRADIENT_DIAGNOSTICS_FILE, CardInputs, model_card, summary_card, write_plots
+from pipeline.train import TrainResult
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+COMPLETE_TAG = "registration"  # "complete" once description, alias and tags are all set
+LOGGED_MODEL_TAG = "mtrec.logged_model_uri"  # on the run, once the pyfunc is logged
+# The files of the model folder that serving needs; the DCP checkpoint (sharded training state) stays out of the
+# registry: it doubles the upload and is only useful to resume that one training run.
+SERVING_FILES = (
+    WEIGHTS_FILE,
+    MODEL_FILE,
+    "plan.json",
+    "training_curve.json",
+    "summary.json",
+    GRADIENT_DIAGNOSTICS_FILE,
+)
+# The packages a served model imports, shipped with it as code (MLflow's code_paths); the CLI (jobs) stays out.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVING_PACKAGES = ("features", "models", "pipeline")
+# What the served model imports from PyPI, pinned to the versions that trained it. Our own code travels as
+# code_paths, so the requirements name no distribution of this project (nothing an index could not satisfy).
+SERVING_DISTRIBUTIONS = (
+    "torch",
+    "torchrec",
+    "fbgemm-gpu-cpu",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "polars",
+    "pydantic",
+    "pyyaml",
+    "safetensors",
+    "mlflow",
+)
+_DESCRIPTION_LIMIT = 4500  # MLflow stores version descriptions in a 5000-character column
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    run_id: str
+    model_name: str
+    version: str
+    model_uri: str  # models:/<name>/<version>
+    alias_uri: str  # models:/<name>@challenger
+    tracking_uri: str  # credentials removed
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> RegisterResult:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the register stage first")
+        return cls(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registering
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` for each distribution the served model imports, as installed here (local build tags such
+    as ``+cpu`` dropped: an index serves the plain version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def code_revision() -> str:
+    """Git commit of the code that trained (``-dirty`` with local changes); MTREC_CODE_REVISION wins, for images."""
+    if os.environ.get("MTREC_CODE_REVISION"):
+        return os.environ["MTREC_CODE_REVISION"]
+    repo = REPO_ROOT
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+_PARAM_KEY = re.compile(r"^[\w\-. /:]+$")
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> dotted MLflow params. A mapping whose keys are not valid param names (``*.auc``) is one
+    JSON-valued param."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and all(_PARAM_KEY.match(str(k)) for k in value):
+            out.update(flat_params(value, f"{name}."))
+        elif isinstance(value, dict | list):
+            out[name] = json.dumps(value, sort_keys=True)
+        else:
+            out[name] = str(value)
+    return out
+
+
+def loggable_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as logged: no tracking URI (it may carry credentials), no submission runtime env (may carry env
+    values), no machine-specific paths beyond what the user configured."""
+    return cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}, "submit": {"runtime_env"}})
+
+
+def _metric_key(*parts: str) -> str:
+    return ".".join(parts)
+
+
+def _experiment_id(client: MlflowClient, cfg: ExperimentConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    remote = urlsplit(cfg.tracking_uri()).scheme in ("http", "https")
+    if remote and cfg.mlflow.artifact_location is None:
+        # A server decides where artifacts go (its --artifacts-destination, proxied): a local path here would put
+        # them on this machine only, out of reach of everyone else using the server.
+        return str(client.create_experiment(cfg.mlflow.experiment))
+    return str(client.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.artifact_location()))
+
+
+def _serving_dir(cfg: ExperimentConfig, model_dir: Path) -> Path:
+    """A copy of the model folder with only what serving needs (see SERVING_FILES)."""
+    out = cfg.run_dir.resolve() / "serving_model"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in SERVING_FILES:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, out / name)
+    return out
+
+
+def _find_logged_run(client: MlflowClient, experiment_id: str, key: str) -> tuple[str, str] | None:
+    """A finished run that already logged this model (run id, logged model URI). Runs an earlier attempt left
+    half-done are marked FAILED so they do not look alive in the UI."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{MODEL_HASH_TAG} = '{key}'")
+    found: tuple[str, str] | None = None
+    for run in runs:
+        logged = run.data.tags.get(LOGGED_MODEL_TAG)
+        if run.info.status == "FINISHED" and logged and found is None:
+            found = (run.info.run_id, logged)
+        elif run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+    return found
+
+
+def register(
+    cfg: ExperimentConfig,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str] | None = None,
+) -> RegisterResult:
+    """Log and register the trained model (idempotent, retried); ``extra_tags`` go on the run and the version."""
+    on_failure = (
+        f"The trained model and its evaluation remain on disk at {trained.model_dir} "
+        f"(run directory {cfg.run_dir.resolve()}); run `mtrec register` with the same config when the server is "
+        "back to finish registering."
+    )
+    with http_settings(cfg):
+        result = call_with_retries(
+            lambda: _register_once(cfg, ingested, trained, evaluated, extra_tags or {}),
+            cfg,
+            "register the model",
+            on_failure,
+        )
+    result.save(cfg.run_dir.resolve() / "register.json")
+    return result
+
+
+def _register_once(
+    cfg: ExperimentConfig,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str],
+) -> RegisterResult:
+    client = registry_client(cfg)
+    name = cfg.mlflow.model_name
+    key = model_hash(trained.model_dir)
+    existing = versions_with_tag(client, name, MODEL_HASH_TAG, key)
+    if existing:
+        version = existing[0]
+        print(f"[register] model {key} is already version {version.version} of {name}: nothing new registered")
+    else:
+        experiment_id = _experiment_id(client, cfg)
+        logged = _find_logged_run(client, experiment_id, key)
+        if logged is None:
+            logged = _log_run(client, cfg, experiment_id, key, ingested, trained, evaluated, extra_tags)
+        run_id, model_uri = logged
+        version = mlflow.register_model(
+            model_uri,
+            name,
+            tags={
+                "data_window": f"{ingested.train_dates[0]}..{ingested.train_dates[-1]}",
+                "eval_window": ",".join(ingested.eval_dates),
+                "config_hash": cfg.fingerprint(),
+                "code_revision": code_revision(),
+                "run_id": run_id,
+                MODEL_HASH_TAG: key,
+                **extra_tags,
+            },
+        )
+    if version.tags.get(COMPLETE_TAG) != "complete":
+        _finish_version(client, cfg, version)
+    return RegisterResult(
+        run_id=str(version.run_id),
+        model_name=name,
+        version=str(version.version),
+        model_uri=f"models:/{name}/{version.version}",
+        alias_uri=f"models:/{name}@{CHALLENGER}",
+        tracking_uri=redact(cfg.tracking_uri()),
+    )
+
+
+def _finish_version(client: MlflowClient, cfg: ExperimentConfig, version: ModelVersion) -> None:
+    """Description (the card's summary), the challenger alias, then the completion tag: in this order, so a version
+    without the tag is known to need these steps (each is safe to repeat)."""
+    name, number = version.name, str(version.version)
+    summary_path = "card/summary.md"
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=summary_path)
+        summary = Path(local).read_text()
+    except MlflowException as err:
+        if is_transient(err):
+            raise
+        summary = "Model card: see the run's card/model_card.md artifact."
+    description = f"**{name} version {number}**\n\n{summary}"
+    if len(description) > _DESCRIPTION_LIMIT:
+        description = description[: _DESCRIPTION_LIMIT - 80] + "\n\n(truncated: see card/model_card.md in the run)"
+    client.update_model_version(name, number, description=description)
+    client.set_registered_model_alias(name, CHALLENGER, number)
+    client.set_model_version_tag(name, number, COMPLETE_TAG, "complete")
+    print(f"[register] {name} version {number} registered, alias {CHALLENGER}")
+
+
+def _log_gradient_diagnostics(client: MlflowClient, run_id: str, model_dir: Path) -> None:
+    """The gradient method's sampled diagnostics (DRGrad xi1, xi2, lam1, lam2, mu, conflict share; PCGrad cosines;
+    uncertainty weights) as metric series ``gradients.<method>.<name>`` over training steps, in batches."""
+    from mlflow.entities import Metric
+
+    path = model_dir / "gradient_diagnostics.json"
+    points: list[dict[str, float]] = json.loads(path.read_text()) if path.exists() else []
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"gradients.{k.replace('/', '.')}", float(v), now, int(point["step"]))
+        for point in points
+        for k, v in point.items()
+        if k != "step"
+    ]
+    for start in range(0, len(metrics), 1000):  # the tracking server's batch limit
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _log_run(
+    client: MlflowClient,
+    cfg: ExperimentConfig,
+    experiment_id: str,
+    key: str,
+    ingested: IngestResult,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    extra_tags: dict[str, str],
+) -> tuple[str, str]:
+    """One run with everything a reviewer needs, ending with the logged pyfunc; returns (run id, model URI)."""
+    import tempfile
+
+    spec = cfg.feature_spec()
+    counts = ingested.total_counts()
+    data_window = f"{ingested.train_dates[0]}..{ingested.train_dates[-1]}"
+    config = loggable_config(cfg)
+
+    # Before the run starts: scoring the champion on this evaluation window needs no open run, and a failure here
+    # (e.g. server down) then leaves nothing half-logged behind.
+    comparison, champion_frame, note = compare_with_champion(
+        client, cfg, ingested.eval_files, ingested.eval_dates, exclude_hash=key
+    )
+    preview = gate(evaluated.metrics, comparison.metrics, cfg.promotion.thresholds) if comparison else None
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.name}-{ingested.eval_dates[-1]}") as run:
+        # The key first: a run an interrupted attempt leaves behind is then recognised (and retired) by the next one.
+        mlflow.set_tag(MODEL_HASH_TAG, key)
+        mlflow.log_params(flat_params(config))
+        mlflow.set_tags(
+            {
+                "data_window": data_window,
+                "eval_window": ",".join(ingested.eval_dates),
+                "config_hash": cfg.fingerprint(),
+                "code_revision": code_revision(),
+                "feature_spec_hash": spec.fingerprint(),
+                **extra_tags,
+            }
+        )
+        metrics: dict[str, float] = {
+            "data.rows_read": counts.rows_read,
+            "data.rows_used": counts.rows_used,
+            "data.rows_quarantined": counts.rows_quarantined,
+            "train.steps": trained.steps,
+            "train.samples": trained.samples,
+            "train.samples_per_s": trained.samples_per_s,
+        }
+        for name, values in evaluated.metrics.items():
+            metrics.update({_metric_key(name, k): v for k, v in values.items()})
+        for name, values in evaluated.oracle.items():
+            metrics.update({_metric_key("oracle", name, k): v for k, v in values.items()})
+        if comparison is not None:
+            for name, values in comparison.metrics.items():
+                metrics.update({_metric_key("champion", name, k): v for k, v in values.items()})
+        # Parameter report per architecture (DTRN beside K x M separate encoders): free on the meta device.
+        import torch
+
+        from models.multitask import build_model, parameter_report
+
+        meta_model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))
+        report = parameter_report(meta_model, spec, cfg.model)
+        metrics.update({f"params.{k}": v for k, v in report.items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
+        for point in curve:
+            mlflow.log_metrics(
+                {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=int(point["step"])
+            )
+        _log_gradient_diagnostics(client, run.info.run_id, Path(trained.model_dir))
+        mlflow.log_dict(config, "config/experiment.json")
+        mlflow.log_artifact(str(cfg.features), "config")
+        mlflow.log_dict(dict(ingested.counts), "data/counts.json")
+        mlflow.log_artifact(ingested.quarantine_path, "data")
+        mlflow.log_dict(trained.plan, "train/sharding_plan.json")
+        mlflow.log_dict(asdict(evaluated), "eval/metrics.json")
+        mlflow.log_text(evaluated.format_table(), "eval/summary.txt")
+        if comparison is not None:
+            mlflow.log_dict(comparison.to_dict(), "eval/champion_comparison.json")
+        if preview is not None:
+            mlflow.log_dict(preview.to_dict(), "eval/gate_preview.json")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plots = write_plots(
+                Path(tmp) / "plots",
+                spec=spec,
+                predictions_path=Path(evaluated.predictions_path),
+                champion_frame=champion_frame,
+                metrics=evaluated.metrics,
+                champion_metrics=comparison.metrics if comparison else None,
+                champion_label=f"champion v{comparison.champion_version}" if comparison else None,
+                oracle=evaluated.oracle,
+                model_dir=Path(trained.model_dir),
+            )
+            for path in plots:
+                mlflow.log_artifact(str(path), "plots")
+            inputs = CardInputs(
+                model_name=cfg.mlflow.model_name,
+                run_id=run.info.run_id,
+                model_hash=key,
+                config_hash=cfg.fingerprint(),
+                code_revision=code_revision(),
+                config=config,
+                train_dates=ingested.train_dates,
+                eval_dates=ingested.eval_dates,
+                counts=dict(ingested.counts),
+                trained=trained,
+                evaluated=evaluated,
+                comparison=comparison,
+                comparison_note=note,
+                gate=preview,
+                plots=[f"plots/{p.name}" for p in plots],
+                tags=extra_tags,
+            )
+            mlflow.log_text(model_card(inputs), "card/model_card.md")
+            mlflow.log_text(summary_card(inputs), "card/summary.md")
+
+        example = pq.read_table(ingested.eval_files[0], columns=feature_columns(spec)).slice(0, 5).to_pandas()
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).resolve().parent / "pyfunc_entry.py"),  # models from code: no pickle
+            artifacts={MODEL_DIR_ARTIFACT: str(_serving_dir(cfg, Path(trained.model_dir)))},
+            code_paths=[str(REPO_ROOT / package) for package in SERVING_PACKAGES],
+            pip_requirements=serving_requirements(),
+            signature=model_signature(spec),
+            input_example=example,
+        )
+        mlflow.set_tag(LOGGED_MODEL_TAG, info.model_uri)
+    return run.info.run_id, info.model_uri
