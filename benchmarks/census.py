@@ -1,7 +1,7 @@
 """UCI Census-Income (KDD) through the pipeline's models and gradient methods: baselines, DRGrad modes and variants,
 AUC per task over seeds with paired differences (method spec sections 1, 3 and 4; issue 6, experiment 1).
 
-    .venv/bin/python -m features.census ../shared/data/census_income_kdd runs/census/logs   # once
+    .venv/bin/python -m features.census ../shared/data/census_income_kdd runs/census/data   # once
     .venv/bin/python benchmarks/census.py --seeds 0 1 2 3 4
 
 Data: the converter's partitions (MMoE protocol): train = census-income.data (199,523 rows), census-income.test split
@@ -277,7 +277,7 @@ def markdown(out: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logs", type=Path, default=REPO / "runs/census/logs")
+    parser.add_argument("--logs", type=Path, default=REPO / "runs/census/data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=6)

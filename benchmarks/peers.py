@@ -4,7 +4,7 @@ samples/s in one run.
     .venv/bin/pip install --no-deps -r requirements/bench.txt   # once: torch-rechub (benchmark only)
     .venv/bin/python benchmarks/peers.py --seeds 0 1 2 --epochs 4 --batch-size 1024
 
-Data: the converter's Parquet (``python -m features.census``): ``runs/census/logs/dt=1994-01-01`` trains,
+Data: the converter's Parquet (``python -m features.census``): ``runs/census/data/dt=1994-01-01`` trains,
 ``dt=1994-01-02`` validates, ``dt=1994-01-03`` tests. Both sides read the same inputs: every categorical column
 hashed into its spec table exactly as our ``BatchTransform`` does (so the peer's ``SparseFeature`` vocabulary is the
 table's ``num_buckets`` and its ``embed_dim`` the table's ``dim``), and the dense features transformed and
@@ -85,7 +85,7 @@ from pipeline.local import train_local
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/census.yaml"
 EXPERIMENTS = REPO / "configs/experiments"
-LOGS = REPO / "runs/census/logs"
+LOGS = REPO / "runs/census/data"
 SPLITS = {"train": "dt=1994-01-01", "validation": "dt=1994-01-02", "test": "dt=1994-01-03"}
 MODELS = ["mtrec_mmoe", "rechub_mmoe", "mtrec_ple", "rechub_ple", "mtrec_mmoe_adam"]
 EVAL_CHUNK = 8192

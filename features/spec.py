@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -118,10 +119,25 @@ class TaskSpec(_Strict):
         return self
 
 
-class KeyColumns(_Strict):
-    """Columns that identify a row; not features."""
+#: The row key of logs without a request-id column (``keys.request_id`` unset): see :func:`row_ids`.
+ROW_ID_COLUMN = "_row_id"
 
-    request_id: str = "request_id"
+
+def row_ids(source: str | Path, start: int, count: int) -> np.ndarray:
+    """Stable int64 ids for rows ``start .. start+count-1`` of the file ``source``: 31 bits of a hash of the file's
+    partition folder and name (not the mount point, so the same file gets the same ids wherever it lies) above the
+    row number. Used only where the logs have no request id."""
+    path = Path(source)
+    name = f"{path.parent.name}/{path.name}".encode()
+    high = int.from_bytes(hashlib.blake2b(name, digest_size=4).digest(), "big") & 0x7FFFFFFF
+    return (np.int64(high) << np.int64(32)) + np.arange(start, start + count, dtype=np.int64)
+
+
+class KeyColumns(_Strict):
+    """Columns that identify a row; not features. ``request_id`` is optional: it is needed only to join an oracle
+    file or deduplicate; without it every row gets a stable id from its file and row number."""
+
+    request_id: str | None = None
     user_id: str = "user_id"
     timestamp: str = "ts"
 
@@ -202,6 +218,11 @@ class FeatureSpec(_Strict):
     @property
     def label_columns(self) -> list[str]:
         return list(dict.fromkeys(t.label for t in self.tasks))
+
+    @property
+    def row_key(self) -> str:
+        """The column that identifies an evaluated row: the request id, or the derived row id without one."""
+        return self.keys.request_id or ROW_ID_COLUMN
 
     @property
     def behaviours(self) -> list[str]:

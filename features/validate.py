@@ -158,8 +158,9 @@ def _column_kinds(spec: FeatureSpec) -> dict[str, list[str]]:
             col.append(kind)
 
     # Keys first so that messages and expected_columns list them first.
-    for column in (spec.keys.request_id, spec.keys.user_id):
-        kinds.setdefault(column, [])
+    for key in (spec.keys.request_id, spec.keys.user_id):
+        if key is not None:
+            kinds.setdefault(key, [])
     add(spec.keys.timestamp, TIMESTAMP)
     for f in spec.sparse:
         add(f.column, STRING if f.id_type == IdType.string else INT)
@@ -334,8 +335,9 @@ def _rules(table: pa.Table, spec: FeatureSpec) -> Iterator[tuple[str, np.ndarray
             yield f"null {column}", _np(pc.is_null(table.column(column)))
 
     # 1-3: nulls in keys, ids and labels.
-    for column in (spec.keys.request_id, spec.keys.user_id, spec.keys.timestamp):
-        yield from null(column)
+    for key in (spec.keys.request_id, spec.keys.user_id, spec.keys.timestamp):
+        if key is not None:
+            yield from null(key)
     for f in spec.sparse:
         yield from null(f.column)
     for label in spec.label_columns:

@@ -3,9 +3,12 @@ previous stages' outputs from the run directory, so they can run one by one or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -14,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from features.spec import SpecError
+from jobs.console import ConsoleReporter, make_console
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task recommender training pipeline.")
@@ -21,6 +25,9 @@ console = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="experiment YAML", exists=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.batch_size=4096")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="show library output live instead of keeping it in <run_dir>/logs/")
+]
 
 
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
@@ -37,10 +44,31 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def print_summary(evaluated: object, registered: object | None) -> None:
+@contextlib.contextmanager
+def _session(cfg: ExperimentConfig, verbose: bool) -> Iterator[Console]:
+    """The console for a command that runs stages: library output goes to ``<run_dir>/logs/driver.log`` (and each
+    training worker's own file) unless ``--verbose``."""
+    from pipeline.logs import captured_output
+    from pipeline.progress import log_dir
+    from pipeline.runtime import set_verbose
+
+    set_verbose(verbose)
+    _quiet_libraries()
+    if verbose:
+        yield console
+        return
+    logs = log_dir(cfg.run_dir)
+    with captured_output(logs / "driver.log", sys.stdout) as stream:
+        shown = make_console(stream)
+        shown.print(f"[dim]library logs: {logs}[/dim]")
+        yield shown
+
+
+def print_summary(evaluated: object, registered: object | None, out: Console | None = None) -> None:
     from pipeline.evaluate import EvalResult
     from pipeline.register import RegisterResult
 
+    out = out or console
     assert isinstance(evaluated, EvalResult)
     table = Table(title=f"Evaluation on {', '.join(evaluated.eval_dates)} ({evaluated.rows:,} rows)")
     for col in ("task", "metric", "value", "oracle"):
@@ -49,46 +77,45 @@ def print_summary(evaluated: object, registered: object | None) -> None:
         if metric == "rows":
             continue
         table.add_row(name, metric, f"{value:.4f}", "-" if oracle is None else f"{oracle:.4f}")
-    console.print(table)
+    out.print(table)
+    for note in evaluated.notes:
+        out.print(f"[dim]{note}[/dim]")
     if isinstance(registered, RegisterResult):
-        console.print(f"registered model: [bold]{registered.model_uri}[/bold] (alias {registered.alias_uri})")
+        out.print(f"registered model: [bold]{registered.model_uri}[/bold] (alias {registered.alias_uri})")
 
 
-def _fail(err: Exception) -> NoReturn:
-    console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+def _fail(err: Exception, out: Console | None = None) -> NoReturn:
+    (out or console).print(f"[red]error:[/red] {err}", markup=True, highlight=False)
     raise typer.Exit(1) from None
 
 
 @app.command()
 def generate(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Write generated behaviour logs (dt=YYYY-MM-DD/part-*.parquet) and the oracle file."""
+    from pipeline.run import describe_generated
     from pipeline.run import generate as run_generate
 
     cfg = _load(config, set_)
     result = run_generate(cfg)
-    console.print(
-        f"generated {result.rows:,} rows in {len(result.files)} files over {len(result.dates)} days "
-        f"in {result.seconds:.1f}s -> {cfg.data.path}; oracle -> {result.oracle_path}"
-    )
+    console.print(f"generated {describe_generated(result)} in {result.seconds:.1f}s -> {cfg.data.path}")
 
 
 @app.command()
-def ingest(config: ConfigOpt, set_: SetOpt = None) -> None:
+def ingest(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Validate the logs against the feature spec, quarantine bad rows, compute training statistics."""
     from features.validate import DataValidationError
     from pipeline.ingest import ingest as run_ingest
+    from pipeline.run import describe_ingested
 
-    _quiet_libraries()
     cfg = _load(config, set_)
-    try:
-        result = run_ingest(cfg)
-    except DataValidationError as err:
-        _fail(err)
-    c = result.total_counts()
-    console.print(
-        f"rows read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,} "
-        f"{dict(c.by_reason) or ''}; quarantine -> {result.quarantine_path}"
-    )
+    with _session(cfg, verbose) as out:
+        try:
+            with ConsoleReporter(out).stage("ingest") as progress:
+                result = run_ingest(cfg, progress=progress)
+                progress.done(describe_ingested(result))
+        except DataValidationError as err:
+            _fail(err, out)
+        out.print(f"quarantine -> {result.quarantine_path}")
 
 
 @app.command()
@@ -106,47 +133,53 @@ def train(
             "spec and tensor shapes)",
         ),
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel."""
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
+    from pipeline.run import describe_trained
     from pipeline.train import train as run_train
 
-    _quiet_libraries()
     cfg = _load(config, set_)
-    warm_dir = None
-    if warm_start:
-        try:
-            warm = resolve_warm_start(cfg, warm_start, strict=True)
-        except (ValueError, RegistryUnavailableError) as err:
-            _fail(err)
-        if warm is None:
-            _fail(ValueError(f"--warm-start {warm_start}: no such alias in the registry"))
-        warm_dir = warm.model_dir
-        console.print(f"warm start from {warm_start} -> {warm_dir}")
-    ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
-    result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
-    console.print(
-        f"trained {result.steps} steps, {result.samples:,} samples, {result.samples_per_s:,.0f} samples/s "
-        f"-> {result.model_dir}"
-    )
+    with _session(cfg, verbose) as out:
+        warm_dir = None
+        if warm_start:
+            try:
+                warm = resolve_warm_start(cfg, warm_start, strict=True)
+            except (ValueError, RegistryUnavailableError) as err:
+                _fail(err, out)
+            if warm is None:
+                _fail(ValueError(f"--warm-start {warm_start}: no such alias in the registry"), out)
+            warm_dir = warm.model_dir
+            out.print(f"warm start from {warm_start} -> {warm_dir}")
+        ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
+        with ConsoleReporter(out).stage("train") as progress:
+            result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir, progress=progress)
+            progress.done(describe_trained(result))
+        out.print(f"model -> {result.model_dir}")
 
 
 @app.command()
-def evaluate(config: ConfigOpt, set_: SetOpt = None) -> None:
+def evaluate(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Score the evaluation window and print per-task metrics beside the oracle."""
     from pipeline.evaluate import evaluate as run_evaluate
     from pipeline.ingest import IngestResult
+    from pipeline.run import describe_evaluated
     from pipeline.train import TrainResult
 
     cfg = _load(config, set_)
     run_dir = cfg.run_dir.resolve()
-    result = run_evaluate(cfg, IngestResult.load(run_dir / "ingest.json"), TrainResult.load(run_dir / "train.json"))
-    print_summary(result, None)
+    with _session(cfg, verbose) as out:
+        with ConsoleReporter(out).stage("evaluate") as progress:
+            ingested, trained = IngestResult.load(run_dir / "ingest.json"), TrainResult.load(run_dir / "train.json")
+            result = run_evaluate(cfg, ingested, trained)
+            progress.done(describe_evaluated(result))
+        print_summary(result, None, out)
 
 
 @app.command()
-def register(config: ConfigOpt, set_: SetOpt = None) -> None:
+def register(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Log the run to MLflow (model card, plots) and register the model with the 'challenger' alias.
 
     Idempotent: the same trained model is registered once; re-running finishes an interrupted registration."""
@@ -154,21 +187,24 @@ def register(config: ConfigOpt, set_: SetOpt = None) -> None:
     from pipeline.ingest import IngestResult
     from pipeline.register import register as run_register
     from pipeline.registry import RegistryUnavailableError
+    from pipeline.run import describe_registered
     from pipeline.train import TrainResult
 
-    _quiet_libraries()
     cfg = _load(config, set_)
     run_dir = cfg.run_dir.resolve()
-    try:
-        result = run_register(
-            cfg,
-            IngestResult.load(run_dir / "ingest.json"),
-            TrainResult.load(run_dir / "train.json"),
-            EvalResult.load(run_dir / "eval.json"),
-        )
-    except (RegistryUnavailableError, FileNotFoundError) as err:
-        _fail(err)
-    console.print(f"registered {result.model_uri} ({result.alias_uri}), run {result.run_id}")
+    with _session(cfg, verbose) as out:
+        try:
+            with ConsoleReporter(out).stage("register") as progress:
+                result = run_register(
+                    cfg,
+                    IngestResult.load(run_dir / "ingest.json"),
+                    TrainResult.load(run_dir / "train.json"),
+                    EvalResult.load(run_dir / "eval.json"),
+                )
+                progress.done(describe_registered(result))
+        except (RegistryUnavailableError, FileNotFoundError) as err:
+            _fail(err, out)
+        out.print(f"registered {result.model_uri} ({result.alias_uri}), run {result.run_id}")
 
 
 @app.command()
@@ -176,26 +212,22 @@ def run(
     config: ConfigOpt,
     set_: SetOpt = None,
     generate_data: Annotated[bool, typer.Option("--generate", help="generate logs first")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """All stages: (generate ->) ingest -> train -> evaluate -> register, then a summary table."""
     from features.validate import DataValidationError
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import run_pipeline
 
-    _quiet_libraries()
     cfg = _load(config, set_)
     started = time.perf_counter()
-    try:
-        result = run_pipeline(cfg, with_generate=generate_data)
-    except (DataValidationError, RegistryUnavailableError) as err:
-        _fail(err)
-    c = result.ingested.total_counts()
-    console.print(
-        f"data: read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,}; "
-        f"train {result.trained.steps} steps at {result.trained.samples_per_s:,.0f} samples/s"
-    )
-    print_summary(result.evaluated, result.registered)
-    console.print(f"done in {time.perf_counter() - started:.0f}s")
+    with _session(cfg, verbose) as out:
+        try:
+            result = run_pipeline(cfg, with_generate=generate_data, reporter=ConsoleReporter(out))
+        except (DataValidationError, RegistryUnavailableError) as err:
+            _fail(err, out)
+        print_summary(result.evaluated, result.registered, out)
+        out.print(f"done in {time.perf_counter() - started:.0f}s")
 
 
 @app.command()
@@ -205,6 +237,7 @@ def promote(
     version: Annotated[str | None, typer.Option("--version", help="version to judge; default: the challenger")] = None,
     force: Annotated[bool, typer.Option("--force", help="make it champion whatever the gate says")] = False,
     fail_on_reject: Annotated[bool, typer.Option("--fail-on-reject", help="exit 3 when rejected")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Promotion gate: challenger vs champion on the same evaluation window; moves 'champion' on a pass.
 
@@ -214,20 +247,21 @@ def promote(
     from pipeline.promote import promote as run_promote
     from pipeline.registry import RegistryUnavailableError
 
-    _quiet_libraries()
     cfg = _load(config, set_)
-    try:
-        result = run_promote(cfg, version=version, force=force)
-    except (PromotionError, RegistryUnavailableError) as err:
-        _fail(err)
-    print_promotion(result)
+    with _session(cfg, verbose) as out:
+        try:
+            result = run_promote(cfg, version=version, force=force)
+        except (PromotionError, RegistryUnavailableError) as err:
+            _fail(err, out)
+        print_promotion(result, out)
     if fail_on_reject and result.decision == "rejected":
         raise typer.Exit(3)
 
 
-def print_promotion(result: object) -> None:
+def print_promotion(result: object, out: Console | None = None) -> None:
     from pipeline.promote import PromotionResult
 
+    out = out or console
     assert isinstance(result, PromotionResult)
     if result.checks:
         table = Table(title=f"Gate: v{result.challenger_version} vs champion v{result.champion_before}")
@@ -237,9 +271,9 @@ def print_promotion(result: object) -> None:
             cells = [c["challenger"], c["champion"], c["drop"]]
             shown = ["-" if v is None else f"{v:.4f}" for v in cells]
             table.add_row(c["key"], *shown, f"{c['max_drop']:.4f}", "ok" if c["passed"] else "[red]FAIL[/red]")
-        console.print(table)
+        out.print(table)
     colour = {"promoted": "green", "rejected": "red", "unchanged": "yellow"}[result.decision]
-    console.print(
+    out.print(
         f"[{colour}]{result.decision}[/{colour}]: {result.model_name} champion is version {result.champion_after} "
         f"({result.reason})",
         highlight=False,
@@ -253,6 +287,7 @@ def daily(
     date: Annotated[
         str | None, typer.Option("--date", help="evaluation day YYYY-MM-DD (default: the latest partition)")
     ] = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Scheduled job: train, register a challenger, run the promotion gate, write a report for one day.
 
@@ -263,19 +298,19 @@ def daily(
     from pipeline.promote import PromotionError
     from pipeline.registry import RegistryUnavailableError
 
-    _quiet_libraries()
     cfg = _load(config, set_)
-    try:
-        report = run_daily(cfg, date)
-    except (DailyError, DataValidationError, PromotionError, RegistryUnavailableError) as err:
-        _fail(err)
-    console.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
-    for stage, took in report.stages.items():
-        console.print(f"  {stage}: {took}", highlight=False)
-    if report.promotion:
-        p = report.promotion
-        console.print(f"promotion: {p['decision']}: champion is version {p['champion_after']} ({p['reason']})")
-    console.print(f"report -> {Path(report.run_dir) / 'daily_report.md'}")
+    with _session(cfg, verbose) as out:
+        try:
+            report = run_daily(cfg, date)
+        except (DailyError, DataValidationError, PromotionError, RegistryUnavailableError) as err:
+            _fail(err, out)
+        out.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
+        for stage, took in report.stages.items():
+            out.print(f"  {stage}: {took}", highlight=False)
+        if report.promotion:
+            p = report.promotion
+            out.print(f"promotion: {p['decision']}: champion is version {p['champion_after']} ({p['reason']})")
+        out.print(f"report -> {Path(report.run_dir) / 'daily_report.md'}")
 
 
 REMOTE_COMMANDS = ("generate", "ingest", "train", "evaluate", "register", "promote", "run", "daily")

@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    path: Path = Field(default=Path("runs/demo/logs"), description="root of dt=YYYY-MM-DD/part-*.parquet")
+    path: Path = Field(default=Path("runs/demo/data"), description="root of dt=YYYY-MM-DD/part-*.parquet")
     oracle_path: Path | None = Field(default=None, description="oracle Parquet (request id -> true probabilities)")
     oracle_columns: dict[str, str] = Field(
         default_factory=dict, description="prediction name (task, or parent_child for ESMM) -> oracle column"
@@ -240,5 +240,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if isinstance(data.get("features"), str) and not Path(data["features"]).is_absolute():
         data["features"] = str((path.parent / data["features"]).resolve())
     cfg = parse_config(data, str(path), overrides)
-    cfg.feature_spec()  # fail early, naming the spec file, if it is broken
+    spec = cfg.feature_spec()  # fail early, naming the spec file, if it is broken
+    if cfg.data.oracle_path is not None and cfg.data.oracle_columns and spec.keys.request_id is None:
+        raise ConfigError(
+            f"config {path}: data.oracle_path is joined on the request id, but the feature spec {cfg.features} "
+            "names none (keys.request_id)"
+        )
     return cfg

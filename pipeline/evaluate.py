@@ -9,7 +9,8 @@ Regression: RMSE in label space (log space for log1p labels) on the task's sampl
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from features.spec import FeatureSpec, TaskKind
+from features.spec import FeatureSpec, TaskKind, row_ids
 from features.transform import BatchTransform
 from models.io import load_model
 from models.multitask import joint_name, predictions
@@ -39,6 +40,7 @@ class EvalResult:
     rows: int
     eval_dates: list[str]
     predictions_path: str
+    notes: list[str] = field(default_factory=list)  # why a metric is absent (e.g. GAUC without a grouping key)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -119,7 +121,9 @@ def task_metrics(
         if task.kind == TaskKind.binary:
             m = binary_metrics(y[rows], s[rows])
             if cond is None and with_gauc:
-                m["gauc"] = group_auc(frame[user].to_numpy()[rows], y[rows], s[rows])
+                gauc = group_auc(frame[user].to_numpy()[rows], y[rows], s[rows])
+                if math.isfinite(gauc):  # undefined when no user has both classes (one row per user: Census)
+                    m["gauc"] = gauc
         else:
             m = regression_metrics(y[rows], s[rows])
         out[task.name] = m
@@ -134,16 +138,22 @@ def task_metrics(
 def score_files(
     files: list[str], model: torch.nn.Module, transform: BatchTransform, spec: FeatureSpec, batch_size: int
 ) -> pl.DataFrame:
-    """Predictions and labels for every row of ``files``, with the request and user ids."""
-    keys = [spec.keys.request_id, spec.keys.user_id]
+    """Predictions and labels for every row of ``files``, with the row key (request id, or the derived row id) and
+    the user id."""
     chunks: list[pl.DataFrame] = []
     with torch.no_grad():
         for path in files:
+            start = 0
             for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
                 table = pa.Table.from_batches([rb])
                 batch = transform(table)
                 preds = predictions(spec, model(batch))
-                cols: dict[str, np.ndarray] = {k: table[k].to_numpy() for k in keys}
+                rid = spec.keys.request_id
+                cols: dict[str, np.ndarray] = {
+                    spec.row_key: table[rid].to_numpy() if rid else row_ids(path, start, table.num_rows),
+                    spec.keys.user_id: table[spec.keys.user_id].to_numpy(),
+                }
+                start += table.num_rows
                 cols.update({f"pred:{k}": v.numpy().astype(np.float64) for k, v in preds.items()})
                 cols.update({f"label:{k}": v.numpy().astype(np.float64) for k, v in batch.labels.items()})
                 chunks.append(pl.DataFrame(cols))
@@ -166,6 +176,11 @@ def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult
             {col: f"oracle:{name}" for name, col in cfg.data.oracle_columns.items()}
         )
         key = loaded.spec.keys.request_id
+        if key is None:
+            raise ValueError(
+                f"data.oracle_path {cfg.data.oracle_path} is joined on the request id, but the feature spec names "
+                "none (keys.request_id)"
+            )
         joined = frame.join(truth, on=key, how="left")
         missing = joined[f"oracle:{next(iter(cfg.data.oracle_columns))}"].null_count()
         if missing:
@@ -174,6 +189,11 @@ def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult
             loaded.spec, joined, {name: f"oracle:{name}" for name in cfg.data.oracle_columns}, with_gauc=True
         )
 
+    notes = [
+        f"{t.name}: no GAUC, no user ({loaded.spec.keys.user_id}) has both classes in the evaluation window"
+        for t in loaded.spec.tasks
+        if t.kind == TaskKind.binary and not (t.given or t.esmm_parent) and "gauc" not in metrics.get(t.name, {})
+    ]
     pred_path = cfg.run_dir.resolve() / "eval_predictions.parquet"
     frame.write_parquet(pred_path)
     result = EvalResult(
@@ -182,6 +202,7 @@ def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult
         rows=frame.height,
         eval_dates=ingested.eval_dates,
         predictions_path=str(pred_path),
+        notes=notes,
     )
     result.save(cfg.run_dir.resolve() / "eval.json")
     return result

@@ -30,6 +30,7 @@ from features.validate import (
     write_quarantine,
 )
 from pipeline.config import ExperimentConfig
+from pipeline.progress import SILENT, StageProgress
 
 _PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 
@@ -55,6 +56,10 @@ class IngestResult:
         for c in self.counts.values():
             total = total.merge(ValidationCounts(**c))
         return total
+
+    def counts_of(self, split: str) -> ValidationCounts:
+        """Counts of one window (``train`` or ``eval``); zero when the window had no files."""
+        return ValidationCounts(**self.counts[split]) if split in self.counts else ValidationCounts(0, 0, 0, {})
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -119,8 +124,9 @@ def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ingest(cfg: ExperimentConfig) -> IngestResult:
-    """Validate the training and evaluation windows of ``cfg.data.path`` into ``cfg.run_dir``."""
+def ingest(cfg: ExperimentConfig, progress: StageProgress = SILENT) -> IngestResult:
+    """Validate the training and evaluation windows of ``cfg.data.path`` into ``cfg.run_dir``; ``progress`` counts
+    the files validated."""
     import ray
 
     from pipeline.runtime import ensure_ray
@@ -149,7 +155,11 @@ def ingest(cfg: ExperimentConfig) -> IngestResult:
             }
         )
     # One block per file, so files validate in parallel tasks.
-    results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(_validate_file).take_all()
+    progress.total(len(tasks), "files")
+    results = []
+    for row in ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(_validate_file).iter_rows():
+        results.append(row)
+        progress.update(len(results))
 
     counts: dict[str, ValidationCounts] = {}
     moments: list[dict[str, tuple[int, float, float]]] = []

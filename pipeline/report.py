@@ -127,6 +127,7 @@ def _metrics_table(c: CardInputs) -> list[str]:
     rows = {name: int(v.get("rows", 0)) for name, v in c.evaluated.metrics.items()}
     lines.append("")
     lines.append("Rows per evaluation name: " + ", ".join(f"{k} {v:,}" for k, v in rows.items()) + ".")
+    lines += [f"Not reported: {note}." for note in c.evaluated.notes]
     return lines
 
 
@@ -346,7 +347,7 @@ def write_plots(
     frame = pl.read_parquet(predictions_path)
     if champion_frame is not None:
         # Same rows by construction (same files, same order); align on the request id all the same.
-        key = spec.keys.request_id
+        key = spec.row_key
         champ_preds = champion_frame.select([key, *(c for c in champion_frame.columns if c.startswith("pred:"))])
         champion_frame = frame.select([key, *(c for c in frame.columns if c.startswith("label:"))]).join(
             champ_preds, on=key, how="inner"

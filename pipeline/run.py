@@ -1,4 +1,5 @@
-"""All stages in order, each a plain function over the previous stages' typed outputs."""
+"""All stages in order, each a plain function over the previous stages' typed outputs, and the one-line summary of
+each stage's result that the command line prints."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from features.generator import GenerationResult, generate_logs
 from pipeline.config import ExperimentConfig
 from pipeline.evaluate import EvalResult, evaluate
 from pipeline.ingest import IngestResult, ingest
+from pipeline.progress import SILENT_REPORTER, StageReporter
 from pipeline.register import RegisterResult, register
 from pipeline.train import TrainResult, train
 
@@ -27,11 +29,60 @@ def generate(cfg: ExperimentConfig) -> GenerationResult:
     return generate_logs(cfg.generator, Path(cfg.data.path), Path(oracle))
 
 
-def run_pipeline(cfg: ExperimentConfig, with_generate: bool = False) -> PipelineResult:
+def _days(dates: list[str]) -> str:
+    return f"{len(dates)} day{'s' if len(dates) != 1 else ''}"
+
+
+def describe_generated(r: GenerationResult) -> str:
+    return f"{r.rows:,} rows in {len(r.files)} files over {len(r.dates)} days; oracle -> {r.oracle_path}"
+
+
+def describe_ingested(r: IngestResult) -> str:
+    c, tr, ev = r.total_counts(), r.counts_of("train"), r.counts_of("eval")
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(c.by_reason.items()))
+    return (
+        f"read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,}"
+        f"{f' ({reasons})' if reasons else ''}; train {tr.rows_used:,} rows over {_days(r.train_dates)}, "
+        f"eval {ev.rows_used:,} rows over {_days(r.eval_dates)}"
+    )
+
+
+def describe_trained(r: TrainResult) -> str:
+    losses = " ".join(f"{k} {v:.4f}" for k, v in r.final_losses.items() if k != "total")
+    resumed = f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else ""
+    return (
+        f"{r.steps:,} steps, {r.samples:,} samples at {r.samples_per_s:,.0f} samples/s on {r.world_size} workers"
+        f"{resumed}; final losses {losses}"
+    )
+
+
+def describe_evaluated(r: EvalResult) -> str:
+    return f"{r.rows:,} rows of {', '.join(r.eval_dates)}"
+
+
+def describe_registered(r: RegisterResult) -> str:
+    return f"{r.model_uri} ({r.alias_uri})"
+
+
+def run_pipeline(
+    cfg: ExperimentConfig, with_generate: bool = False, reporter: StageReporter = SILENT_REPORTER
+) -> PipelineResult:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    generated = generate(cfg) if with_generate else None
-    ingested = ingest(cfg)
-    trained = train(cfg, ingested)
-    evaluated = evaluate(cfg, ingested, trained)
-    registered = register(cfg, ingested, trained, evaluated)
+    generated = None
+    if with_generate:
+        with reporter.stage("generate") as p:
+            generated = generate(cfg)
+            p.done(describe_generated(generated))
+    with reporter.stage("ingest") as p:
+        ingested = ingest(cfg, progress=p)
+        p.done(describe_ingested(ingested))
+    with reporter.stage("train") as p:
+        trained = train(cfg, ingested, progress=p)
+        p.done(describe_trained(trained))
+    with reporter.stage("evaluate") as p:
+        evaluated = evaluate(cfg, ingested, trained)
+        p.done(describe_evaluated(evaluated))
+    with reporter.stage("register") as p:
+        registered = register(cfg, ingested, trained, evaluated)
+        p.done(describe_registered(registered))
     return PipelineResult(ingested, trained, evaluated, registered, generated)

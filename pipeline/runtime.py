@@ -6,7 +6,23 @@ from __future__ import annotations
 import logging
 import os
 
+from pathlib import Path
+
 from pipeline.config import ExperimentConfig
+from pipeline.progress import log_dir
+
+_verbose = False
+
+
+def set_verbose(on: bool) -> None:
+    """Show library output live (Ray forwards the workers' output to the driver, workers keep their own output)
+    instead of keeping it in ``<run_dir>/logs/``. Set by the command line's ``--verbose``."""
+    global _verbose
+    _verbose = on
+
+
+def verbose() -> bool:
+    return _verbose
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
@@ -15,10 +31,34 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
 
     # Progress bars of Ray Data flood batch-job logs; the train loop prints its own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        _start_ray(cfg)
+    _link_ray_logs(cfg)
+
+
+def _link_ray_logs(cfg: ExperimentConfig) -> None:
+    """``<run_dir>/logs/ray`` points at this Ray session's log folder (Ray Data tasks, raylet, the training actors'
+    own files), so everything about a run is found from its run folder. Only where that folder is on this machine."""
+    import ray
+
+    if not ray.is_initialized():
         return
+    try:
+        node = ray._private.worker.global_worker.node  # Ray has no public API for the session's log folder
+        source = Path(node.get_logs_dir_path())
+    except AttributeError:
+        return
+    link = log_dir(cfg.run_dir) / "ray"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(source, target_is_directory=True)
+
+
+def _start_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=_verbose)
         return
     # Locally, the training workers hold cpus_per_worker each; Ray Data's read and validate tasks need CPUs too, or
     # they wait for the workers that wait for them. Give the local node logical headroom beyond the physical cores.
@@ -26,7 +66,7 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, needed),
         include_dashboard=False,
-        log_to_driver=True,
+        log_to_driver=_verbose,
         configure_logging=True,
         logging_level=logging.WARNING,
     )

@@ -38,6 +38,8 @@ from models.io import MODEL_FILE, WEIGHTS_FILE
 from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
 from pipeline.config import ExperimentConfig
 from pipeline.ingest import IngestResult
+from pipeline.logs import redirect_process_output
+from pipeline.progress import SILENT, TRAIN_PROGRESS_FILE, ProgressFileFollower, StageProgress, append_progress
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -213,6 +215,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     stats = DenseStats(**config["stats"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logs = Path(config["log_dir"])
+    if config["redirect_output"]:
+        # Everything this worker and its libraries print (planner tables, warnings) goes to its own log file.
+        redirect_process_output(logs / f"train-worker-{rank}.log")
+    progress_file = logs / TRAIN_PROGRESS_FILE
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.train.cpus_per_worker)
 
@@ -301,6 +308,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 if rank == 0:
                     text = " ".join(f"{k}={v:.4f}" for k, v in point.items())
                     print(f"[train] epoch {state.epoch} step {state.step} {text} {rate:,.0f} samples/s", flush=True)
+                    append_progress(
+                        progress_file,
+                        {"step": state.step, "epoch": state.epoch, "samples_per_s": rate, "loss": point["total"]},
+                    )
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 _report(parts, state, {"step": state.step, "epoch": state.epoch})
         if not done():
@@ -392,22 +403,37 @@ def _warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
         print(f"[train] warm start from {model_dir}", flush=True)
 
 
+def expected_steps(cfg: ExperimentConfig, train_rows: int) -> int:
+    """Steps the run will take: Ray's equal split gives each worker ``rows // workers`` rows, drop-last batches."""
+    per_epoch = (train_rows // cfg.train.num_workers) // cfg.train.batch_size
+    steps = per_epoch * cfg.train.epochs
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
 def train(
-    cfg: ExperimentConfig, ingested: IngestResult, resume: bool = False, warm_start_dir: Path | None = None
+    cfg: ExperimentConfig,
+    ingested: IngestResult,
+    resume: bool = False,
+    warm_start_dir: Path | None = None,
+    progress: StageProgress = SILENT,
 ) -> TrainResult:
     """Train on the ingested training window; returns where the unsharded model was written.
 
     ``resume``: continue from the latest checkpoint of this run name (after the driver died); without it, an old run
-    of the same name is cleared first, so a re-run starts fresh.
+    of the same name is cleared first, so a re-run starts fresh. ``progress`` follows rank 0's logged steps.
     """
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.runtime import ensure_ray
+    from pipeline.progress import log_dir
+    from pipeline.runtime import ensure_ray, verbose
 
     ensure_ray(cfg)
     spec = cfg.feature_spec()
+    logs = log_dir(cfg.run_dir)
+    progress_file = logs / TRAIN_PROGRESS_FILE
+    progress_file.unlink(missing_ok=True)
     storage = (cfg.run_dir / "ray_results").resolve()
     run_name = f"{cfg.name}-train"
     if not resume:
@@ -424,6 +450,8 @@ def train(
             "stats": asdict(ingested.stats),
             "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
             "output_bias": priors,
+            "log_dir": str(logs),
+            "redirect_output": not verbose(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -439,7 +467,14 @@ def train(
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    progress.total(expected_steps(cfg, ingested.counts_of("train").rows_used), "steps")
+
+    def on_record(record: dict[str, Any]) -> None:
+        status = f"epoch {record['epoch']} · loss {record['loss']:.4f} · {record['samples_per_s']:,.0f} samples/s"
+        progress.update(record["step"], status)
+
+    with ProgressFileFollower(progress_file, on_record):
+        result = trainer.fit()
     if result.error:
         raise result.error
     if result.checkpoint is None:

@@ -33,7 +33,7 @@ def small_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
         SMALL_CONFIG,
         [
             f"run_dir={run_dir}",
-            f"data.path={run_dir / 'logs'}",
+            f"data.path={run_dir / 'data'}",
             f"data.oracle_path={run_dir / 'oracle.parquet'}",
             *overrides,
         ],

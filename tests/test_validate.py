@@ -471,3 +471,27 @@ def test_a_spec_with_other_column_names_validates_its_own_columns(tmp_path: Path
         check_file_schema(path, spec)
     assert (err.value.file, err.value.column) == (str(path), "bpm")
     assert "price" not in str(err.value) and "user_id" not in str(err.value)
+
+
+# ---- logs without a request id ----------------------------------------------------------------------------------------
+def test_a_spec_without_request_id_accepts_logs_without_that_column(tmp_path: Path, spec: FeatureSpec) -> None:
+    no_id = spec.model_copy(update={"keys": spec.keys.model_copy(update={"request_id": None})})
+    path = tmp_path / "no_id.parquet"
+    table = make_table(good_rows())
+    pq.write_table(table.drop_columns(["request_id"]), path)
+    assert "request_id" not in expected_columns(no_id)
+    check_files([path], no_id)
+    clean, bad = validate_rows(pq.read_table(path), no_id, source=str(path))
+    assert clean.num_rows == table.num_rows and bad.num_rows == 0
+    assert no_id.row_key == "_row_id" and spec.row_key == "request_id"
+
+
+def test_row_ids_are_stable_per_file_and_row() -> None:
+    from features.spec import row_ids
+
+    a = row_ids("/mnt/a/dt=2026-01-01/part-0.parquet", 0, 5)
+    assert (a == row_ids("/elsewhere/dt=2026-01-01/part-0.parquet", 0, 5)).all()  # the mount point does not count
+    assert (row_ids("/mnt/a/dt=2026-01-01/part-0.parquet", 3, 2) == a[3:]).all()
+    other = row_ids("/mnt/a/dt=2026-01-02/part-0.parquet", 0, 5)
+    assert not set(a.tolist()) & set(other.tolist())
+    assert a.dtype.name == "int64" and (a >= 0).all()
