@@ -1,5 +1,5 @@
 """UCI Census-Income (KDD) through the pipeline's models and gradient methods: baselines, DRGrad modes and variants,
-AUC per task over seeds with paired differences (method spec sections 1, 3 and 4; issue 6, experiment 1).
+AUC per task over seeds with paired differences (DRGrad paper protocol on Census).
 
     .venv/bin/python -m features.census ../shared/data/census_income_kdd runs/census/data   # once
     .venv/bin/python benchmarks/census.py --seeds 0 1 2 3 4

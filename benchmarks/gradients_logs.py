@@ -1,4 +1,4 @@
-"""Gradient methods on the pipeline's own generated logs with the conflict knob on (issue 6, experiment 3): click is
+"""Gradient methods on the pipeline's own generated logs with the conflict knob on: click is
 the primary task, conversion (ESMM) and dwell the auxiliary ones; per-task AUC / RMSE beside the oracle.
 
     .venv/bin/python benchmarks/gradients_logs.py --seeds 0 1 2 3 4

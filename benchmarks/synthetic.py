@@ -1,4 +1,4 @@
-"""MMoE synthetic benchmark (method spec, section 4): MMoE, Split-MMoE, DRGrad variants and PCGrad side by side.
+"""MMoE synthetic benchmark (the MMoE paper's protocol): MMoE, Split-MMoE, DRGrad variants and PCGrad side by side.
 
     .venv/bin/python benchmarks/synthetic.py --n-train 10000 --ps -0.5 0.9 --seeds 0 1 2 \
         --out benchmarks/results/synthetic.json

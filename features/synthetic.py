@@ -3,7 +3,8 @@
     data = make_synthetic(12_000, p=-0.5, seed=0)
     x, y1, y2, s1, s2 = data      # a NamedTuple, so it unpacks like the paper's tuple
 
-Method spec, section 4: u1, u2 orthogonal unit vectors in R^d; ``w1 = c u1``, ``w2 = c (p u1 + sqrt(1 - p^2) u2)``;
+The MMoE paper's synthetic protocol: u1, u2 orthogonal unit vectors in R^d;
+``w1 = c u1``, ``w2 = c (p u1 + sqrt(1 - p^2) u2)``;
 ``x ~ N(0, I_d)``; ``y_k = w_k . x + sum_{i=1..m} sin(alpha_i w_k . x + beta_i) + eps_k`` with ``eps ~ N(0, 0.01^2)``;
 alpha, beta ~ N(0, 1), shared by both tasks. PLE's constants: c = 1, m = 10, d = 512. ``p`` is the cosine between
 w1 and w2: it sets how related the tasks are (the label correlation is a monotone function of it, not p itself).

@@ -13,7 +13,7 @@ task. Any bottom works with any top, chosen here with no code edits::
 * ``bottom: dtrn``: every task reads its own vector (DTRN: task-specific interest vectors from a hypernetwork-
   conditioned Transformer, then SENet-style field reweighting per task); see ``models/dtrn.py``.
 
-The defaults are the original slice's model (plain bottom, shared-bottom MLP [128, 64], towers [32]). The legacy key
+The defaults are the first shipped model (plain bottom, shared-bottom MLP [128, 64], towers [32]). The legacy key
 ``architecture: shared_bottom`` is still accepted (saved model folders carry it) and means ``top``.
 """
 
@@ -46,7 +46,7 @@ class PLEConfig(_Strict):
 
 
 class DTRNConfig(_Strict):
-    """DTRN (Liu et al. 2023), TIM + TRM. Choices marked "our reading" in the method spec are switches here."""
+    """DTRN (Liu et al. 2023), TIM + TRM. Choices the paper leaves open ("our reading") are switches here."""
 
     d_model: int | None = Field(
         default=None, gt=0, description="encoder width; unset: the sequence tables' dim (no input projection)"
@@ -94,7 +94,7 @@ class ModelConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _legacy_architecture(cls, data: Any) -> Any:
-        """``architecture: X`` (the slice's key, stored in saved model folders) is ``top: X``."""
+        """``architecture: X`` (the older key, stored in saved model folders) is ``top: X``."""
         if isinstance(data, dict) and "architecture" in data:
             data = dict(data)
             arch = data.pop("architecture")

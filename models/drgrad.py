@@ -1,7 +1,7 @@
 """DRGrad's model side (Liu, Miao, Xia, AAAI 2025): the split primary tower, the PPNet-style personalized gate, and our
 per-sample representation router. The backward side (router, updater) is in :mod:`models.gradients`.
 
-Split tower (method spec, section 1). The primary task gets two towers of identical shape: ``T1'`` reads its own gate's
+Split tower. The primary task gets two towers of identical shape: ``T1'`` reads its own gate's
 input ``v1``, ``T1''`` reads ``v_s``, the input it shares with the auxiliary towers ``T2``; every auxiliary tower has
 the same shape as well, so their parameter gradients can be compared element-wise::
 

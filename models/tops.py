@@ -11,7 +11,7 @@ nothing for the generality.
   experts; each further level reads the previous level's task outputs, and a shared gate over all experts feeds the
   next level's shared experts (absent at the last level).
 
-What shared experts read when the task inputs differ (DTRN + MMoE / PLE) is our reading of the method spec, a switch
+What shared experts read when the task inputs differ (DTRN + MMoE / PLE) is our reading of the DTRN paper, a switch
 (``dtrn.expert_input``): ``per_task`` runs a shared expert on each ``h_k`` (gate k mixes experts evaluated on h_k),
 ``mean`` runs it once on the mean of the ``h_k``. The PLE shared gate of the first level reads the mean of the ``h_k``.
 
@@ -78,7 +78,9 @@ class SharedBottom(Top):
         self, in_dim: int, hidden: list[int], num_tasks: int, dropout: float, device: torch.device | None = None
     ) -> None:
         super().__init__()
-        self.bottom = MLP(in_dim, hidden, dropout, device)  # name kept: saved slice models use 'top.bottom.*'
+        self.bottom = MLP(
+            in_dim, hidden, dropout, device
+        )  # name kept: models saved by earlier versions use 'top.bottom.*'
         self.num_tasks = num_tasks
         self.out_dim = self.bottom.out_dim
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
@@ -43,11 +42,10 @@ def _link_ray_logs(cfg: ExperimentConfig) -> None:
 
     if not ray.is_initialized():
         return
-    try:
-        node = ray._private.worker.global_worker.node  # Ray has no public API for the session's log folder
-        source = Path(node.get_logs_dir_path())
-    except AttributeError:
+    node = getattr(ray._private.worker.global_worker, "node", None)  # Ray has no public API for the log folder
+    if node is None or not hasattr(node, "get_logs_dir_path"):
         return
+    source = Path(node.get_logs_dir_path())
     link = log_dir(cfg.run_dir) / "ray"
     if link.is_symlink() or link.exists():
         link.unlink()

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL_CONFIG = REPO / "configs" / "experiments" / "small.yaml"
 
 
-#: DRGrad (paper router, EMA updater, PPNet gate over the id embeddings) through the real pipeline: the session's
+#: DRGrad (paper router, EMA updater, PPNet gate over the id embeddings) through the real pipeline: the shared
 #: pipeline run and the resilience runs use it, so the split tower, its mu state and its diagnostics go through Ray
 #: Train, DMP, DCP checkpoints, evaluation, MLflow and the pyfunc. Other tests train with the default method.
 DRGRAD_SET = [
@@ -42,7 +42,7 @@ def small_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray for the whole session (start-up costs several seconds)."""
+    """One local Ray for the whole test run (start-up costs several seconds)."""
     import ray
 
     from pipeline.runtime import ensure_ray

@@ -299,7 +299,7 @@ def test_model_config_defaults_and_legacy_key() -> None:
     assert (default.bottom, default.top) == ("plain", "shared_bottom")
     assert (default.bottom_mlp, default.tower_mlp) == ([128, 64], [32])
     legacy = ModelConfig.model_validate({"architecture": "shared_bottom", "sequence_pooling": "mean"})
-    assert legacy == default  # model.json of slice-era models still loads
+    assert legacy == default  # model.json of models saved by earlier versions still loads
     with pytest.raises(ValueError, match="disagree"):
         ModelConfig.model_validate({"architecture": "shared_bottom", "top": "mmoe"})
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
-"""The whole slice on the small config, with the real things: local Ray (2 workers), TorchRec sharding over gloo,
-a SQLite MLflow store. The run itself happens once per session (``pipeline_run`` in conftest.py)."""
+"""The whole pipeline on the small config, with the real things: local Ray (2 workers), TorchRec sharding over gloo,
+a SQLite MLflow store. The run itself happens once per test run (``pipeline_run`` in conftest.py)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
 
 
 def test_drgrad_diagnostics_in_mlflow(pipeline_run) -> None:  # type: ignore[no-untyped-def]
-    """The session run trains with DRGrad: its sampled diagnostics are metric series and a plot artifact."""
+    """The shared run trains with DRGrad: its sampled diagnostics are metric series and a plot artifact."""
     cfg, result = pipeline_run
     assert cfg.gradients.method == "drgrad"
     client = MlflowClient(tracking_uri=cfg.tracking_uri(), registry_uri=cfg.tracking_uri())

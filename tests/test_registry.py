@@ -2,7 +2,7 @@
 the promotion gate (first champion, a rejected regression, a passing challenger), a server outage during
 registration, and a fresh process scoring ``models:/<name>@champion`` exactly like the evaluation did.
 
-The slow tests share the session's trained model (``pipeline_run``) and one server for the module; each uses its own
+The slow tests share the test run's trained model (``pipeline_run``) and one server for the module; each uses its own
 registered model name and run directory, so they do not depend on each other's order. Model variants for the gate are
 made from the trained weights (no second training): one with the CTR logit negated (AUC becomes 1 - AUC: a certain
 regression), one with a negligible bias shift (same ranking: a certain pass).
@@ -160,7 +160,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Helpers over the session's trained model
+# Helpers over the test run's trained model
 
 
 def stage_run_dir(pipeline_run: Any, run_dir: Path) -> None:
@@ -183,7 +183,7 @@ def http_config(pipeline_run: Any, run_dir: Path, server: MlflowServer, name: st
         f"mlflow.experiment={name}",
         "registry.retries=1",
         "registry.backoff_s=0.5",
-        *DRGRAD_SET,  # the gradients section the session run (pipeline_run) was trained with
+        *DRGRAD_SET,  # the gradients section the shared test run (pipeline_run) was trained with
         *more,
     )
 

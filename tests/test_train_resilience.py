@@ -172,7 +172,7 @@ def test_driver_killed_then_resume(straight: Straight, tmp_path: Path) -> None:
     args = [sys.executable, "-m", "jobs.cli", "train", "--config", str(SMALL_CONFIG)]
     for o in overrides:
         args += ["--set", o]
-    # A new session, so killing its group takes down the driver and the local Ray it started: a crashed machine.
+    # A new process session, so killing its group takes down the driver and the local Ray it started: a crashed machine.
     driver = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_checkpoint(tmp_path / "ray_results", timeout=300)

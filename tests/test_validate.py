@@ -473,7 +473,7 @@ def test_a_spec_with_other_column_names_validates_its_own_columns(tmp_path: Path
     assert "price" not in str(err.value) and "user_id" not in str(err.value)
 
 
-# ---- logs without a request id ----------------------------------------------------------------------------------------
+# ---- logs without a request id ---------------------------------------------------------------------------------------
 def test_a_spec_without_request_id_accepts_logs_without_that_column(tmp_path: Path, spec: FeatureSpec) -> None:
     no_id = spec.model_copy(update={"keys": spec.keys.model_copy(update={"request_id": None})})
     path = tmp_path / "no_id.parquet"
