@@ -64,7 +64,12 @@ class TrainConfig(_Strict):
     embedding_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
-    shuffle: Literal["none", "local"] = "local"
+    shuffle: Literal["none", "local", "global"] = Field(
+        default="local",
+        description="local: a shuffle buffer per worker (cheap; rows stay near their place in the files); global: "
+        "also one seeded all-to-all shuffle of the window first (Ray Data random_shuffle), for logs stored in an "
+        "order that matters (sorted, one partition); none: file order",
+    )
     local_shuffle_buffer: int = Field(default=20_000, gt=0)
     max_steps: int | None = Field(default=None, ge=1, description="stop early (tests, smoke runs)")
     checkpoint_every_steps: int | None = Field(default=None, ge=1, description="also checkpoint at each epoch end")

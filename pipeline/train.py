@@ -253,7 +253,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     collate = _arrow_collate(spec, stats)
-    shuffle = cfg.train.local_shuffle_buffer if cfg.train.shuffle == "local" else None
+    shuffle = cfg.train.local_shuffle_buffer if cfg.train.shuffle in ("local", "global") else None
     per_step = cfg.train.batch_size * world
     window: dict[str, float] = {}
     window_steps = 0
@@ -440,6 +440,9 @@ def train(
         shutil.rmtree(storage / run_name, ignore_errors=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
     dataset = ray.data.read_parquet(ingested.train_files)
+    if cfg.train.shuffle == "global":
+        # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
+        dataset = dataset.random_shuffle(seed=cfg.train.seed)
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(

@@ -39,7 +39,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
         "run_dir": str(root / "run"),
         "features": str(root / "spec.yaml"),
         "data": {"path": str(data), "eval_days": 1},
-        "train": {"num_workers": 2, "batch_size": 256, "epochs": 1, "log_every": 5},
+        "train": {"num_workers": 2, "batch_size": 256, "epochs": 1, "log_every": 5, "shuffle": "global"},
         "mlflow": {"experiment": "console", "model_name": "console"},
     }
     (root / "experiment.yaml").write_text(yaml.safe_dump(config))
