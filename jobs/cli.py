@@ -21,6 +21,14 @@ console = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="experiment YAML", exists=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. train.batch_size=4096")]
+FreshOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="start training over; the run folder's old checkpoints are moved aside (default: continue from them "
+        "when they are of this config and data window)",
+    ),
+]
 
 
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
@@ -95,9 +103,8 @@ def ingest(config: ConfigOpt, set_: SetOpt = None) -> None:
 def train(
     config: ConfigOpt,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from the latest checkpoint of this run (after the driver died)")
-    ] = False,
+    fresh: FreshOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help="the default; kept for old scripts")] = False,
     warm_start: Annotated[
         str | None,
         typer.Option(
@@ -107,7 +114,11 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel."""
+    """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel.
+
+    Continues from the run folder's checkpoints when they are of this config and data window (after a crash, just
+    run the same command again); checkpoints of another config are refused, naming both hashes."""
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
     from pipeline.train import train as run_train
@@ -125,7 +136,10 @@ def train(
         warm_dir = warm.model_dir
         console.print(f"warm start from {warm_start} -> {warm_dir}")
     ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
-    result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
+    try:
+        result = run_train(cfg, ingested, warm_start_dir=warm_dir, fresh=fresh)
+    except CheckpointMismatchError as err:
+        _fail(err)
     console.print(
         f"trained {result.steps} steps, {result.samples:,} samples, {result.samples_per_s:,.0f} samples/s "
         f"-> {result.model_dir}"
@@ -176,9 +190,11 @@ def run(
     config: ConfigOpt,
     set_: SetOpt = None,
     generate_data: Annotated[bool, typer.Option("--generate", help="generate logs first")] = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """All stages: (generate ->) ingest -> train -> evaluate -> register, then a summary table."""
     from features.validate import DataValidationError
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import run_pipeline
 
@@ -186,8 +202,8 @@ def run(
     cfg = _load(config, set_)
     started = time.perf_counter()
     try:
-        result = run_pipeline(cfg, with_generate=generate_data)
-    except (DataValidationError, RegistryUnavailableError) as err:
+        result = run_pipeline(cfg, with_generate=generate_data, fresh=fresh)
+    except (DataValidationError, RegistryUnavailableError, CheckpointMismatchError) as err:
         _fail(err)
     c = result.ingested.total_counts()
     console.print(
@@ -253,21 +269,39 @@ def daily(
     date: Annotated[
         str | None, typer.Option("--date", help="evaluation day YYYY-MM-DD (default: the latest partition)")
     ] = None,
+    fresh: FreshOpt = False,
 ) -> None:
     """Scheduled job: train, register a challenger, run the promotion gate, write a report for one day.
 
-    Trains on the last daily.train_days partitions before the day, warm-started from the champion. Re-running a day
-    duplicates nothing (and finishes what an interrupted run left)."""
+    Trains on the last daily.train_days complete partitions before the day, warm-started from the champion.
+    Re-running a day duplicates nothing and continues what an interrupted run left. Exit codes: 0 done (or another
+    host is running this day: nothing done), 75 the day's partition is missing or incomplete (retry later),
+    1 failed, 2 bad config."""
     from features.validate import DataValidationError
-    from jobs.daily import DailyError, run_daily
+    from jobs.daily import EXIT_NOT_READY, DailyError, DailyNotReady, run_daily
+    from jobs.lease import LeaseHeldError, LeaseLostError
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.promote import PromotionError
     from pipeline.registry import RegistryUnavailableError
 
     _quiet_libraries()
     cfg = _load(config, set_)
     try:
-        report = run_daily(cfg, date)
-    except (DailyError, DataValidationError, PromotionError, RegistryUnavailableError) as err:
+        report = run_daily(cfg, date, fresh=fresh)
+    except DailyNotReady as err:
+        console.print(f"[yellow]not ready:[/yellow] {err}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_NOT_READY) from None
+    except LeaseHeldError as err:
+        console.print(f"skipped: another run of this day is in progress: {err}", highlight=False)
+        return
+    except (
+        DailyError,
+        DataValidationError,
+        PromotionError,
+        RegistryUnavailableError,
+        CheckpointMismatchError,
+        LeaseLostError,
+    ) as err:
         _fail(err)
     console.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
     for stage, took in report.stages.items():

@@ -27,11 +27,13 @@ def generate(cfg: ExperimentConfig) -> GenerationResult:
     return generate_logs(cfg.generator, Path(cfg.data.path), Path(oracle))
 
 
-def run_pipeline(cfg: ExperimentConfig, with_generate: bool = False) -> PipelineResult:
+def run_pipeline(cfg: ExperimentConfig, with_generate: bool = False, fresh: bool = False) -> PipelineResult:
+    """All stages; training continues from this run folder's checkpoints of the same config and data (``fresh``:
+    start over, the old checkpoints moved aside)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     generated = generate(cfg) if with_generate else None
     ingested = ingest(cfg)
-    trained = train(cfg, ingested)
+    trained = train(cfg, ingested, fresh=fresh)
     evaluated = evaluate(cfg, ingested, trained)
     registered = register(cfg, ingested, trained, evaluated)
     return PipelineResult(ingested, trained, evaluated, registered, generated)
