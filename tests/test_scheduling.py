@@ -23,6 +23,8 @@ from jobs.cli import app
 from tests.conftest import SMALL_CONFIG, small_config
 from tests.test_jobs import TINY
 
+NOT_READY = 75  # the documented exit code of `mtrec daily` for "retry later"
+
 HOLD_LEASE = """
 import sys, time
 from pathlib import Path
@@ -60,15 +62,17 @@ def _write_partition(root: Path, date: str, rows: int, marker: bool) -> None:
 # Complete partitions only
 
 
-def test_partitions_without_their_marker_are_skipped_saying_why(tmp_path: Path) -> None:
+def test_partitions_without_their_marker_are_skipped_saying_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pipeline.ingest import discover_partitions
 
     _write_partition(tmp_path, "2026-03-01", 10, marker=True)
     _write_partition(tmp_path, "2026-03-02", 10, marker=False)  # still being written
     _write_partition(tmp_path, "2026-03-03", 10, marker=True)
-    said: list[str] = []
-    found = discover_partitions(tmp_path, say=said.append)  # type: ignore[call-arg]
+    found = discover_partitions(tmp_path)
     assert list(found) == ["2026-03-01", "2026-03-03"]
+    said = capsys.readouterr().out.splitlines()
     assert len(said) == 1 and "dt=2026-03-02" in said[0] and "_SUCCESS" in said[0]
 
 
@@ -90,15 +94,14 @@ def test_completeness_rules_min_rows_and_next_partition(tmp_path: Path) -> None:
 
 
 def test_daily_over_an_incomplete_partition_is_not_ready_and_trains_nothing(tmp_path: Path) -> None:
-    from jobs.daily import EXIT_NOT_READY
     from pipeline.run import generate
 
     cfg = small_config(tmp_path, *TINY)
     day = generate(cfg).dates[-1]
-    (tmp_path / "logs" / f"dt={day}" / "_SUCCESS").unlink()  # the writer has not finished the day
+    (tmp_path / "logs" / f"dt={day}" / "_SUCCESS").unlink(missing_ok=True)  # the writer has not finished the day
 
     result = CliRunner().invoke(app, _cli_args("daily", tmp_path))
-    assert result.exit_code == EXIT_NOT_READY != 1, result.output
+    assert result.exit_code == NOT_READY, result.output
     assert f"dt={day}" in result.output and "not complete" in result.output
     day_dir = tmp_path / "daily" / day
     assert not (day_dir / "ingest.json").exists() and not (day_dir / "train.json").exists()
@@ -106,7 +109,7 @@ def test_daily_over_an_incomplete_partition_is_not_ready_and_trains_nothing(tmp_
 
     # A day that has not landed at all is "not ready" too.
     result = CliRunner().invoke(app, [*_cli_args("daily", tmp_path), "--date", "2099-01-01"])
-    assert result.exit_code == EXIT_NOT_READY, result.output
+    assert result.exit_code == NOT_READY, result.output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
