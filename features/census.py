@@ -56,6 +56,7 @@ import yaml
 
 from features.spec import IdType
 from features.transform import hash_ids
+from features.validate import SUCCESS_MARKER
 
 __all__ = [
     "CATEGORICAL",
@@ -346,6 +347,7 @@ def convert_census(
             path = part_dir / f"part-{p:05d}.parquet"
             pq.write_table(table.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])), path)
             files[split].append(path)
+        (part_dir / SUCCESS_MARKER).touch()  # last: the partition is complete
         rows[split] = table.num_rows
         rates[split] = {task: float(np.mean(table.column(label).to_numpy())) for task, label in TASKS.items()}
 

@@ -45,6 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from features.validate import SUCCESS_MARKER
+
 
 class GeneratorConfig(BaseModel):
     """Built-in behaviour-log generator (a known latent model, so the best reachable AUC is known)."""
@@ -519,6 +521,7 @@ def generate_logs(cfg: GeneratorConfig, out_dir: Path, oracle_path: Path) -> Gen
             path = part_dir / f"part-{p:05d}.parquet"
             pq.write_table(table.slice(int(bounds[p]), int(bounds[p + 1] - bounds[p])), path)
             files.append(path)
+        (part_dir / SUCCESS_MARKER).touch()  # last, as a log writer does: the partition is complete
 
     oracle = pa.Table.from_arrays(
         [

@@ -46,6 +46,7 @@ from features.spec import FeatureSpec, IdType, TaskKind
 __all__ = [
     "REASON_COLUMN",
     "SOURCE_COLUMN",
+    "SUCCESS_MARKER",
     "DataValidationError",
     "Problem",
     "TooManyBadRowsError",
@@ -57,6 +58,10 @@ __all__ = [
     "validate_rows",
     "write_quarantine",
 ]
+
+#: Written into a ``dt=`` folder by its writer once all its files are there (Spark, Hive and most log writers do
+#: the same); the ingest stage takes only partitions that have it, unless ``data.complete`` says otherwise.
+SUCCESS_MARKER = "_SUCCESS"
 
 REASON_COLUMN = "reason"
 SOURCE_COLUMN = "source_file"

@@ -28,6 +28,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override,
 VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="show library output live instead of keeping it in <run_dir>/logs/")
 ]
+FreshOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fresh",
+        help="start training over; the run folder's old checkpoints are moved aside (default: continue from them "
+        "when they are of this config and data window)",
+    ),
+]
 
 
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
@@ -122,9 +130,8 @@ def ingest(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False) 
 def train(
     config: ConfigOpt,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from the latest checkpoint of this run (after the driver died)")
-    ] = False,
+    fresh: FreshOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", hidden=True, help="the default; kept for old scripts")] = False,
     warm_start: Annotated[
         str | None,
         typer.Option(
@@ -135,7 +142,11 @@ def train(
     ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel."""
+    """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel.
+
+    Continues from the run folder's checkpoints when they are of this config and data window (after a crash, just
+    run the same command again); checkpoints of another config are refused, naming both hashes."""
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
     from pipeline.run import describe_trained
@@ -154,9 +165,12 @@ def train(
             warm_dir = warm.model_dir
             out.print(f"warm start from {warm_start} -> {warm_dir}")
         ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
-        with ConsoleReporter(out).stage("train") as progress:
-            result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir, progress=progress)
-            progress.done(describe_trained(result))
+        try:
+            with ConsoleReporter(out).stage("train") as progress:
+                result = run_train(cfg, ingested, warm_start_dir=warm_dir, fresh=fresh, progress=progress)
+                progress.done(describe_trained(result))
+        except CheckpointMismatchError as err:
+            _fail(err, out)
         out.print(f"model -> {result.model_dir}")
 
 
@@ -213,9 +227,11 @@ def run(
     set_: SetOpt = None,
     generate_data: Annotated[bool, typer.Option("--generate", help="generate logs first")] = False,
     verbose: VerboseOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """All stages: (generate ->) ingest -> train -> evaluate -> register, then a summary table."""
     from features.validate import DataValidationError
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import run_pipeline
 
@@ -223,8 +239,8 @@ def run(
     started = time.perf_counter()
     with _session(cfg, verbose) as out:
         try:
-            result = run_pipeline(cfg, with_generate=generate_data, reporter=ConsoleReporter(out))
-        except (DataValidationError, RegistryUnavailableError) as err:
+            result = run_pipeline(cfg, with_generate=generate_data, reporter=ConsoleReporter(out), fresh=fresh)
+        except (DataValidationError, RegistryUnavailableError, CheckpointMismatchError) as err:
             _fail(err, out)
         print_summary(result.evaluated, result.registered, out)
         out.print(f"done in {time.perf_counter() - started:.0f}s")
@@ -288,21 +304,39 @@ def daily(
         str | None, typer.Option("--date", help="evaluation day YYYY-MM-DD (default: the latest partition)")
     ] = None,
     verbose: VerboseOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
     """Scheduled job: train, register a challenger, run the promotion gate, write a report for one day.
 
-    Trains on the last daily.train_days partitions before the day, warm-started from the champion. Re-running a day
-    duplicates nothing (and finishes what an interrupted run left)."""
+    Trains on the last daily.train_days complete partitions before the day, warm-started from the champion.
+    Re-running a day duplicates nothing and continues what an interrupted run left. Exit codes: 0 done (or another
+    host is running this day: nothing done), 75 the day's partition is missing or incomplete (retry later),
+    1 failed, 2 bad config."""
     from features.validate import DataValidationError
-    from jobs.daily import DailyError, run_daily
+    from jobs.daily import EXIT_NOT_READY, DailyError, DailyNotReady, run_daily
+    from jobs.lease import LeaseHeldError, LeaseLostError
+    from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.promote import PromotionError
     from pipeline.registry import RegistryUnavailableError
 
     cfg = _load(config, set_)
     with _session(cfg, verbose) as out:
         try:
-            report = run_daily(cfg, date)
-        except (DailyError, DataValidationError, PromotionError, RegistryUnavailableError) as err:
+            report = run_daily(cfg, date, fresh=fresh)
+        except DailyNotReady as err:
+            out.print(f"[yellow]not ready:[/yellow] {err}", markup=True, highlight=False)
+            raise typer.Exit(EXIT_NOT_READY) from None
+        except LeaseHeldError as err:
+            out.print(f"skipped: another run of this day is in progress: {err}", highlight=False)
+            return
+        except (
+            DailyError,
+            DataValidationError,
+            PromotionError,
+            RegistryUnavailableError,
+            CheckpointMismatchError,
+            LeaseLostError,
+        ) as err:
             _fail(err, out)
         out.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
         for stage, took in report.stages.items():

@@ -11,37 +11,48 @@ Re-running a day duplicates nothing and redoes no finished work:
   no registering; the gate runs again (it is idempotent) and the report is rewritten;
 * the day's folder holds a trained and evaluated model of this config (e.g. the server was down at registration):
   only registering, the gate and the report run;
-* otherwise the whole day runs.
+* otherwise the whole day runs; training continues from the day folder's checkpoints of the same config and data
+  window (a crash at 90 % costs the last checkpoint interval, not the day); ``fresh`` starts training over.
+
+Scheduling contract: the day's partition must be complete (``data.complete``), else :class:`DailyNotReady` (the CLI
+exits with ``EXIT_NOT_READY``, for the scheduler to retry later) and nothing runs. The day's exact files are resolved
+once (``window.json`` in the day folder, recorded in ``ingest.json``, the report and the MLflow run), so a partition
+that lands during the run changes nothing. One run per day across hosts: a lease ``<run_root>/<day>.lease`` (owner,
+heartbeat, expiry; ``jobs/lease.py``); a second run waits up to ``daily.lease_wait_s`` or stops cleanly.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import os
-import shutil
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from jobs import lease
 from pipeline.config import ExperimentConfig
+from pipeline.partitions import WINDOW_FILE, DataWindow, PartitionScan, scan_partitions, split_windows
 from pipeline.register import COMPLETE_TAG, RegisterResult
 from pipeline.registry import CHAMPION, call_with_retries, http_settings, redact, registry_client
 
 STATE_FILE = "daily_state.json"
 REPORT_JSON = "daily_report.json"
 REPORT_MD = "daily_report.md"
-LOCK_FILE = ".daily.lock"
+
+#: Exit code of ``mtrec daily`` when the day's partition has not landed or is incomplete: retry later (EX_TEMPFAIL).
+EXIT_NOT_READY = 75
 
 Status = Literal["registered", "already_registered", "failed"]
 
 
 class DailyError(RuntimeError):
-    """The day cannot run (no partition for it, another run of it in progress)."""
+    """The day cannot run (a bad date, too few partitions before it)."""
+
+
+class DailyNotReady(DailyError):
+    """The day's partition is missing or still being written: nothing was done; try again later."""
 
 
 @dataclass
@@ -61,6 +72,7 @@ class DailyReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)  # stage -> "12.3s" or "skipped (...)"
     error: str | None = None
+    window: dict[str, Any] = field(default_factory=dict)  # the pinned DataWindow: the exact source files
     started_at: str = ""
     finished_at: str = ""
 
@@ -102,14 +114,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def day_config(cfg: ExperimentConfig, day: str, partitions: dict[str, list[Path]]) -> ExperimentConfig:
-    """The config of one day: its own run folder, the training window, logs up to that day, the shared MLflow store."""
-    root = (cfg.daily.run_root or cfg.run_dir / "daily").resolve()
-    day_dir = root / day
-    data_path = cfg.data.path
-    if any(d > day for d in partitions):
-        # The ingest stage evaluates on the latest partitions it finds: show it the logs up to this day only.
-        data_path = _partition_view(day_dir / "logs_view", {d: files[0].parent for d, files in partitions.items()}, day)
+def day_config(cfg: ExperimentConfig, day: str) -> ExperimentConfig:
+    """The config of one day: its own run folder, the training window length, the shared MLflow store."""
+    day_dir = run_root(cfg) / day
     remote = urlsplit(cfg.tracking_uri()).scheme in ("http", "https")
     mlflow_cfg = cfg.mlflow.model_copy(
         update={
@@ -120,53 +127,75 @@ def day_config(cfg: ExperimentConfig, day: str, partitions: dict[str, list[Path]
     return cfg.model_copy(
         update={
             "run_dir": day_dir,
-            "data": cfg.data.model_copy(update={"path": data_path, "train_days": cfg.daily.train_days}),
+            "data": cfg.data.model_copy(update={"train_days": cfg.daily.train_days}),
             "mlflow": mlflow_cfg,
         }
     )
 
 
-def _partition_view(view: Path, folders: dict[str, Path], day: str) -> Path:
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir(parents=True)
-    for date, folder in folders.items():
-        if date <= day:
-            (view / f"dt={date}").symlink_to(folder.resolve(), target_is_directory=True)
-    return view
+def run_root(cfg: ExperimentConfig) -> Path:
+    return (cfg.daily.run_root or cfg.run_dir / "daily").resolve()
 
 
-@contextmanager
-def _day_lock(day_dir: Path) -> Iterator[None]:
-    """One run per day folder at a time (a scheduler retrying while a slow run is still going)."""
-    day_dir.mkdir(parents=True, exist_ok=True)
-    lock = day_dir / LOCK_FILE
-    me = {"host": socket.gethostname(), "pid": os.getpid()}
+def check_date(date: str) -> str:
+    """A real ``YYYY-MM-DD`` date (it names the day's folder)."""
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        holder = json.loads(lock.read_text() or "{}")
-        if holder.get("host") == me["host"] and _alive(int(holder.get("pid", 0))):
-            raise DailyError(f"another daily run of {day_dir.name} is in progress (pid {holder['pid']})") from None
-        lock.unlink(missing_ok=True)  # left by a run that died: take it over
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(me, fh)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+        if dt.date.fromisoformat(date).isoformat() == date:
+            return date
+    except ValueError:
+        pass
+    raise DailyError(f"--date {date!r} is not a YYYY-MM-DD date")
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def choose_day(cfg: ExperimentConfig, scan: PartitionScan, date: str | None) -> str:
+    """The day to run: ``date``, or the newest partition that could be complete under ``data.complete`` (under
+    ``next_partition`` the newest is never complete, so the one before it). Raises :class:`DailyNotReady` when
+    that partition is missing or incomplete."""
+    dates = scan.all_dates
+    if date is None:
+        if not dates:
+            raise DailyNotReady(f"no dt=YYYY-MM-DD partition under {cfg.data.path} yet; nothing was done")
+        newest_judgeable = -2 if cfg.data.complete.rule == "next_partition" and len(dates) > 1 else -1
+        date = dates[newest_judgeable]
+    day = check_date(date)
+    if day in scan.incomplete:
+        raise DailyNotReady(
+            f"partition dt={day} under {cfg.data.path} is not complete: {scan.incomplete[day]}; nothing was done"
+        )
+    if day not in scan.complete:
+        latest = dates[-1] if dates else "none"
+        raise DailyNotReady(
+            f"no partition dt={day} under {cfg.data.path} (latest is {latest}): the day's logs have not landed; "
+            "nothing was done"
+        )
+    return day
+
+
+def pin_window(cfg: ExperimentConfig, scan: PartitionScan, day: str, fresh: bool) -> DataWindow:
+    """The day's exact files: evaluation ends at ``day``; training takes the complete partitions before it (an
+    incomplete one is skipped, saying so). A re-run of the day keeps the files its first attempt recorded when the
+    windows' dates are the same, so its checkpoints stay valid."""
+    for date, why in scan.incomplete.items():
+        if date < day:
+            print(f"[daily] skipping partition dt={date}: {why}", flush=True)
+    dates = [d for d in scan.complete if d <= day]
+    train_dates, eval_dates = split_windows(dates, cfg.data.train_days, cfg.data.eval_days)
+    window = DataWindow(
+        train_dates=train_dates,
+        eval_dates=eval_dates,
+        train_sources=[str(f.absolute()) for d in train_dates for f in scan.complete[d]],
+        eval_sources=[str(f.absolute()) for d in eval_dates for f in scan.complete[d]],
+    )
+    recorded_path = cfg.run_dir / WINDOW_FILE
+    if not fresh and recorded_path.exists():
+        recorded = DataWindow.load(recorded_path)
+        same_dates = (recorded.train_dates, recorded.eval_dates) == (train_dates, eval_dates)
+        if same_dates and all(Path(f).is_file() for f in [*recorded.train_sources, *recorded.eval_sources]):
+            return recorded
+        print(f"[daily] the window differs from the one recorded in {recorded_path}: using the new one", flush=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    window.save(recorded_path)
+    return window
 
 
 def _registered_for_day(cfg: ExperimentConfig, day: str, key: str) -> RegisterResult | None:
@@ -196,36 +225,37 @@ def _registered_for_day(cfg: ExperimentConfig, day: str, key: str) -> RegisterRe
         return call_with_retries(find, cfg, "look up today's version", "Nothing was trained or registered.")
 
 
-def _stage_done(day_dir: Path, key: str) -> bool:
+def _stage_done(day_dir: Path, key: str, window_key: str) -> bool:
     state = day_dir / STATE_FILE
     if not state.exists():
         return False
     done = json.loads(state.read_text())
     files = ("ingest.json", "train.json", "eval.json")
-    return bool(done.get("config_hash") == key and done.get("stage") == "evaluated") and all(
-        (day_dir / f).exists() for f in files
-    )
+    same = done.get("config_hash") == key and done.get("data_window") == window_key
+    return bool(same and done.get("stage") == "evaluated") and all((day_dir / f).exists() for f in files)
 
 
-def run_daily(cfg: ExperimentConfig, date: str | None = None) -> DailyReport:
-    """Run (or finish) one day; always writes the report, also when a stage fails (then re-raises)."""
-    from pipeline.ingest import discover_partitions
+def run_daily(cfg: ExperimentConfig, date: str | None = None, fresh: bool = False) -> DailyReport:
+    """Run (or finish) one day; always writes the report, also when a stage fails (then re-raises).
 
-    partitions = discover_partitions(Path(cfg.data.path))
-    day = date or list(partitions)[-1]
-    if day not in partitions:
-        raise DailyError(
-            f"no partition dt={day} under {cfg.data.path} (latest is {list(partitions)[-1]}): the day's logs have "
-            "not landed; nothing was done"
-        )
-    dcfg = day_config(cfg, day, partitions)
+    Raises :class:`DailyNotReady` (nothing done) when the day's partition is missing or incomplete, and
+    :class:`jobs.lease.LeaseHeldError` (nothing done) when another live run holds the day."""
+    scan = scan_partitions(Path(cfg.data.path), cfg.data.complete)
+    day = choose_day(cfg, scan, date)
+    dcfg = day_config(cfg, day)
     day_dir = dcfg.run_dir
-    with _day_lock(day_dir):
+    settings = cfg.daily
+    with lease.held(
+        run_root(cfg) / f"{day}.lease", settings.lease_ttl_s, settings.heartbeat_s, settings.lease_wait_s
+    ) as held:
         report = DailyReport(
             date=day, status="failed", run_dir=str(day_dir), model_name=cfg.mlflow.model_name, started_at=_now()
         )
         try:
-            _run_day(dcfg, day, report)
+            window = pin_window(dcfg, scan, day, fresh)
+            report.window = asdict(window)
+            report.train_dates, report.eval_dates = window.train_dates, window.eval_dates
+            _run_day(dcfg, day, report, window, fresh, held)
         except BaseException as err:
             report.error = redact(f"{type(err).__name__}: {err}")
             raise
@@ -239,7 +269,9 @@ def _timed(report: DailyReport, stage: str, started: float) -> None:
     report.stages[stage] = f"{time.perf_counter() - started:.1f}s"
 
 
-def _run_day(cfg: ExperimentConfig, day: str, report: DailyReport) -> None:
+def _run_day(
+    cfg: ExperimentConfig, day: str, report: DailyReport, window: DataWindow, fresh: bool, held: lease.Lease
+) -> None:
     from pipeline.evaluate import EvalResult, evaluate
     from pipeline.ingest import IngestResult, ingest
     from pipeline.promote import promote
@@ -261,7 +293,7 @@ def _run_day(cfg: ExperimentConfig, day: str, report: DailyReport) -> None:
         if (day_dir / "eval.json").exists():
             report.metrics = EvalResult.load(day_dir / "eval.json").metrics
     else:
-        if _stage_done(day_dir, key):
+        if not fresh and _stage_done(day_dir, key, window.key()):
             ingested = IngestResult.load(day_dir / "ingest.json")
             trained = TrainResult.load(day_dir / "train.json")
             evaluated = EvalResult.load(day_dir / "eval.json")
@@ -274,25 +306,31 @@ def _run_day(cfg: ExperimentConfig, day: str, report: DailyReport) -> None:
 
             ensure_ray(cfg)
             t = time.perf_counter()
-            ingested = ingest(cfg)
+            ingested = ingest(cfg, window)
             _timed(report, "ingest", t)
             warm = None
             if cfg.daily.warm_start:
                 warm = resolve_warm_start(cfg, f"models:/{cfg.mlflow.model_name}@{CHAMPION}", strict=False)
             report.warm_start = f"champion version {warm.version}" if warm else "none (cold start)"
             t = time.perf_counter()
-            trained = train(cfg, ingested, warm_start_dir=warm.model_dir if warm else None)
+            trained = train(cfg, ingested, warm_start_dir=warm.model_dir if warm else None, fresh=fresh)
             _timed(report, "train", t)
             t = time.perf_counter()
             evaluated = evaluate(cfg, ingested, trained)
             _timed(report, "evaluate", t)
-            state = {"config_hash": key, "stage": "evaluated", "warm_start": report.warm_start}
+            state = {
+                "config_hash": key,
+                "data_window": window.key(),
+                "stage": "evaluated",
+                "warm_start": report.warm_start,
+            }
             (day_dir / STATE_FILE).write_text(json.dumps(state))
         report.train_dates, report.eval_dates = ingested.train_dates, ingested.eval_dates
         report.counts = _counts(ingested)
         report.metrics = evaluated.metrics
         t = time.perf_counter()
         tags = {"daily_date": day, "warm_start": report.warm_start}
+        held.ensure_held()  # a run that stalled past its lease must not register beside the one that took over
         registered = register(cfg, ingested, trained, evaluated, extra_tags=tags)
         _timed(report, "register", t)
         report.status = "registered"

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from features.generator import GeneratorConfig
 from features.spec import FeatureSpec, load_feature_spec
+from features.validate import SUCCESS_MARKER
 from models.config import ModelConfig
 from models.gradients import GradientConfig
 
@@ -27,6 +29,30 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_PATH_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _path_name(value: str) -> str:
+    """Names that become parts of paths (run folders, Ray Train run names): no separators, no "..", nothing a
+    shell or a recursive delete could misread."""
+    if not _PATH_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is used in paths: only letters, digits, '-', '_' and '.' (not '.' or '..')")
+    return value
+
+
+PathName = Annotated[str, AfterValidator(_path_name)]
+
+
+class CompletenessConfig(_Strict):
+    """When a ``dt=`` partition counts as written. ``marker``: the writer's marker file is in the folder (Spark,
+    Hive and most log writers emit ``_SUCCESS``); ``min_rows``: its Parquet files hold at least ``min_rows`` rows
+    (read from the footers); ``next_partition``: a later partition exists (the writer moved on)."""
+
+    rule: Literal["marker", "min_rows", "next_partition"] = "marker"
+    marker: PathName = SUCCESS_MARKER
+    min_rows: int = Field(default=1, ge=1)
 
 
 class DataConfig(_Strict):
@@ -40,6 +66,7 @@ class DataConfig(_Strict):
     )
     eval_days: int = Field(default=1, ge=1)
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
+    complete: CompletenessConfig = CompletenessConfig()
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
@@ -144,6 +171,13 @@ class DailyConfig(_Strict):
     train_days: int = Field(default=7, ge=1)
     warm_start: bool = Field(default=True, description="start from the champion's weights when it is compatible")
     run_root: Path | None = Field(default=None, description="unset: <run_dir>/daily")
+    lease_ttl_s: float = Field(
+        default=900, gt=0, description="a day's lease expires this long after its owner's last heartbeat"
+    )
+    heartbeat_s: float = Field(default=60, gt=0, description="how often the owner renews its lease")
+    lease_wait_s: float = Field(
+        default=0, ge=0, description="wait this long for another host's run of the day to end; 0: exit at once"
+    )
 
 
 class SubmitConfig(_Strict):
@@ -162,7 +196,7 @@ class SubmitConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"
+    name: PathName = Field(default="experiment", description="letters, digits, '-', '_', '.' (names paths)")
     run_dir: Path = Path("runs/demo")
     features: Path = Field(description="feature spec YAML")
     generator: GeneratorConfig = GeneratorConfig()
@@ -192,7 +226,8 @@ class ExperimentConfig(_Strict):
         # the hash of a config is the same as before they existed and a retry setting never looks like a new model.
         operational = {name: True for name in ("promotion", "registry", "daily", "submit")}
         body = self.model_dump(
-            mode="json", exclude={"run_dir": True, "data": {"path", "oracle_path"}, "features": True, **operational}
+            mode="json",
+            exclude={"run_dir": True, "data": {"path", "oracle_path", "complete"}, "features": True, **operational},
         )
         body["feature_spec"] = self.feature_spec().fingerprint()
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]

@@ -9,7 +9,6 @@ spreads over a cluster. The driver only merges counts, moments and the (small) q
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +29,10 @@ from features.validate import (
     write_quarantine,
 )
 from pipeline.config import ExperimentConfig
+from pipeline.partitions import WINDOW_FILE, DataWindow, discover_partitions, resolve_window, split_windows
 from pipeline.progress import SILENT, StageProgress
 
-_PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+__all__ = ["IngestResult", "discover_partitions", "ingest", "split_windows"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,13 @@ class IngestResult:
     quarantine_path: str
     stats_path: str
     counts: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> ValidationCounts as dict
+    window: dict[str, Any] = field(default_factory=dict)  # the DataWindow read: the exact source files
+
+    def window_key(self) -> str:
+        """Identifies the training and evaluation data: the source files' window, or the dates for older results."""
+        if self.window:
+            return DataWindow(**self.window).key()
+        return DataWindow(self.train_dates, self.eval_dates, [], []).key()
 
     @property
     def stats(self) -> DenseStats:
@@ -69,35 +76,6 @@ class IngestResult:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the ingest stage first")
         return cls(**json.loads(path.read_text()))
-
-
-def discover_partitions(root: Path) -> dict[str, list[Path]]:
-    """``dt=YYYY-MM-DD`` folder -> its Parquet files, sorted by date. Fails naming the folder if none is usable."""
-    if not root.is_dir():
-        raise DataValidationError(f"log folder {root} does not exist", file=str(root), column=None)
-    parts: dict[str, list[Path]] = {}
-    for child in sorted(root.iterdir()):
-        m = _PARTITION.match(child.name)
-        if child.is_dir() and m:
-            files = sorted(child.glob("*.parquet"))
-            if files:
-                parts[m.group(1)] = files
-    if not parts:
-        raise DataValidationError(f"no dt=YYYY-MM-DD/*.parquet partitions under {root}", file=str(root), column=None)
-    return dict(sorted(parts.items()))
-
-
-def split_windows(dates: list[str], train_days: int | None, eval_days: int) -> tuple[list[str], list[str]]:
-    """The last ``eval_days`` partitions evaluate; the ``train_days`` before them (all, if unset) train."""
-    if len(dates) <= eval_days:
-        raise DataValidationError(
-            f"need more than eval_days={eval_days} date partitions, found {len(dates)}: {dates}", file=None, column=None
-        )
-    eval_dates = dates[-eval_days:]
-    train_dates = dates[:-eval_days]
-    if train_days is not None:
-        train_dates = train_dates[-train_days:]
-    return train_dates, eval_dates
 
 
 def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
@@ -124,18 +102,35 @@ def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ingest(cfg: ExperimentConfig, progress: StageProgress = SILENT) -> IngestResult:
-    """Validate the training and evaluation windows of ``cfg.data.path`` into ``cfg.run_dir``; ``progress`` counts
-    the files validated."""
+def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: StageProgress = SILENT) -> IngestResult:
+    """Validate the training and evaluation windows into ``cfg.run_dir``: the files of ``window`` when given (pinned
+    by the caller), otherwise those of the complete partitions of ``cfg.data.path`` now. ``progress`` counts the
+    files validated.
+
+    ``ingest.json`` is written only when every check passed: a stale one is removed first, so after a failed ingest
+    no later stage can train on a window that was rejected.
+    """
     import ray
 
     from pipeline.runtime import ensure_ray
 
     ensure_ray(cfg)  # before any Ray Data call, which would otherwise start a default-sized local Ray
     spec = cfg.feature_spec()
-    partitions = discover_partitions(cfg.data.path)
-    train_dates, eval_dates = split_windows(list(partitions), cfg.data.train_days, cfg.data.eval_days)
-    files = [(d, f) for d in [*train_dates, *eval_dates] for f in partitions[d]]
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "ingest.json").unlink(missing_ok=True)
+    if window is None:
+        window = resolve_window(cfg.data.path, cfg.data.train_days, cfg.data.eval_days, cfg.data.complete)
+    window.save(run_dir / WINDOW_FILE)
+    train_dates, eval_dates = window.train_dates, window.eval_dates
+    files = [(_date_of(f), Path(f)) for f in [*window.train_sources, *window.eval_sources]]
+    missing = [str(f) for _, f in files if not f.is_file()]
+    if missing:
+        raise DataValidationError(
+            f"{len(missing)} file(s) of the pinned window are gone: {', '.join(missing[:5])}",
+            file=missing[0],
+            column=None,
+        )
     check_files([f for _, f in files], spec)  # schema problems of every file, in one error
 
     out = cfg.run_dir.resolve() / "ingested"
@@ -184,8 +179,18 @@ def ingest(cfg: ExperimentConfig, progress: StageProgress = SILENT) -> IngestRes
         quarantine_path=str(quarantine_path),
         stats_path=str(stats_path),
         counts={k: asdict(v) for k, v in counts.items()},
+        window=asdict(window),
     )
-    result.save(cfg.run_dir.resolve() / "ingest.json")
-    # Fail after writing the quarantine, so the user can inspect what was rejected.
+    # Fail after writing the quarantine, so the user can inspect what was rejected; before ingest.json, so nothing
+    # downstream takes the rejected window for a validated one.
     result.total_counts().check(cfg.data.max_bad_fraction, str(quarantine_path))
+    result.save(run_dir / "ingest.json")
     return result
+
+
+def _date_of(source: str) -> str:
+    """The partition date of a source file, from its ``dt=`` folder."""
+    folder = Path(source).parent.name
+    if not folder.startswith("dt="):
+        raise DataValidationError(f"{source}: not inside a dt=YYYY-MM-DD folder", file=source, column=None)
+    return folder.removeprefix("dt=")

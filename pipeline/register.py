@@ -359,6 +359,7 @@ def _log_run(
                 "config_hash": cfg.fingerprint(),
                 "code_revision": code_revision(),
                 "feature_spec_hash": spec.fingerprint(),
+                "data_window_key": ingested.window_key(),
                 **extra_tags,
             }
         )
@@ -395,6 +396,8 @@ def _log_run(
         mlflow.log_dict(config, "config/experiment.json")
         mlflow.log_artifact(str(cfg.features), "config")
         mlflow.log_dict(dict(ingested.counts), "data/counts.json")
+        if ingested.window:  # the exact source files the run read
+            mlflow.log_dict(ingested.window, "data/window.json")
         mlflow.log_artifact(ingested.quarantine_path, "data")
         mlflow.log_dict(trained.plan, "train/sharding_plan.json")
         mlflow.log_dict(asdict(evaluated), "eval/metrics.json")

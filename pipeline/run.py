@@ -65,8 +65,13 @@ def describe_registered(r: RegisterResult) -> str:
 
 
 def run_pipeline(
-    cfg: ExperimentConfig, with_generate: bool = False, reporter: StageReporter = SILENT_REPORTER
+    cfg: ExperimentConfig,
+    with_generate: bool = False,
+    reporter: StageReporter = SILENT_REPORTER,
+    fresh: bool = False,
 ) -> PipelineResult:
+    """All stages; training continues from this run folder's checkpoints of the same config and data (``fresh``:
+    start over, the old checkpoints moved aside)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     generated = None
     if with_generate:
@@ -77,7 +82,7 @@ def run_pipeline(
         ingested = ingest(cfg, progress=p)
         p.done(describe_ingested(ingested))
     with reporter.stage("train") as p:
-        trained = train(cfg, ingested, progress=p)
+        trained = train(cfg, ingested, fresh=fresh, progress=p)
         p.done(describe_trained(trained))
     with reporter.stage("evaluate") as p:
         evaluated = evaluate(cfg, ingested, trained)

@@ -7,7 +7,8 @@ folders holding tensors only: the sharded model state, the fused embedding optim
 optimizer's state, each rank writing its own shards; the step and data position go beside them as JSON. Tensors only,
 because DCP unpickles any non-tensor entry when loading. Ray Train keeps the latest checkpoints: after a worker
 failure (``train.max_failures``) the restarted workers resume from the latest one, and a new run started with
-``resume=True`` (``mtrec train --resume``) continues from the previous run's latest one.
+the same config and data window (``mtrec train`` again, the default) continues from the previous run's latest one;
+``fresh=True`` (``--fresh``) starts over, moving the old checkpoints aside (``pipeline/checkpoints.py``).
 
 The finished model leaves in the final checkpoint: rank 0 also writes the unsharded weights (gathered from every
 rank) as safetensors with the model description, so evaluation and serving need no process group.
@@ -36,6 +37,7 @@ from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
 from models.io import MODEL_FILE, WEIGHTS_FILE
 from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
+from pipeline.checkpoints import CheckpointIdentity, prepare_checkpoints
 from pipeline.config import ExperimentConfig
 from pipeline.ingest import IngestResult
 from pipeline.logs import redirect_process_output
@@ -413,14 +415,15 @@ def expected_steps(cfg: ExperimentConfig, train_rows: int) -> int:
 def train(
     cfg: ExperimentConfig,
     ingested: IngestResult,
-    resume: bool = False,
     warm_start_dir: Path | None = None,
+    fresh: bool = False,
     progress: StageProgress = SILENT,
 ) -> TrainResult:
     """Train on the ingested training window; returns where the unsharded model was written.
 
-    ``resume``: continue from the latest checkpoint of this run name (after the driver died); without it, an old run
-    of the same name is cleared first, so a re-run starts fresh. ``progress`` follows rank 0's logged steps.
+    Continues from the latest checkpoint of an earlier run of the same config and data window in ``run_dir`` (after
+    a crash); refuses checkpoints of another config or window. ``fresh``: start over, the old checkpoints moved aside.
+    ``progress`` follows rank 0's logged steps.
     """
     import ray.data
     import ray.train
@@ -436,8 +439,8 @@ def train(
     progress_file.unlink(missing_ok=True)
     storage = (cfg.run_dir / "ray_results").resolve()
     run_name = f"{cfg.name}-train"
-    if not resume:
-        shutil.rmtree(storage / run_name, ignore_errors=True)
+    identity = CheckpointIdentity.of(cfg, ingested.window_key())
+    prepare_checkpoints(storage / run_name, identity, fresh)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
     dataset = ray.data.read_parquet(ingested.train_files)
     if cfg.train.shuffle == "global":

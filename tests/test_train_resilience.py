@@ -88,7 +88,7 @@ def test_resume_is_exact(straight: Straight, tmp_path: Path) -> None:
     ingested = _copy_inputs(straight.cfg.run_dir, tmp_path)
     half = train(_cfg(tmp_path, f"train.max_steps={STEPS // 2}"), ingested)
     assert half.steps == STEPS // 2
-    resumed = train(_cfg(tmp_path, f"train.max_steps={STEPS}"), ingested, resume=True)
+    resumed = train(_cfg(tmp_path, f"train.max_steps={STEPS}"), ingested)  # resumes by default
     assert resumed.resumed_from_step == STEPS // 2
     assert resumed.steps == STEPS and resumed.samples == straight.result.samples
     _assert_same_weights(_weights(resumed), straight.weights)
@@ -99,7 +99,7 @@ def test_resume_on_another_worker_count_reshards(straight: Straight, tmp_path: P
     run_dir = tmp_path / "run"
     shutil.copytree(straight.cfg.run_dir, run_dir, ignore=shutil.ignore_patterns("logs", "ingested", "model"))
     ingested = IngestResult.load(run_dir / "ingest.json")
-    one = train(_cfg(run_dir, f"train.max_steps={STEPS}", "train.num_workers=1"), ingested, resume=True)
+    one = train(_cfg(run_dir, f"train.max_steps={STEPS}", "train.num_workers=1"), ingested)
     assert one.world_size == 1 and one.resumed_from_step == STEPS and one.steps == STEPS
     _assert_same_weights(_weights(one), straight.weights)
 
@@ -160,7 +160,9 @@ def test_worker_killed_mid_training_resumes_and_completes(straight: Straight, tm
     assert abs(auc - straight.ctr_auc) < 0.02
 
 
-def test_driver_killed_then_resume(straight: Straight, tmp_path: Path) -> None:
+def test_driver_killed_then_the_same_command_resumes(straight: Straight, tmp_path: Path) -> None:
+    """SIGKILL the whole training command mid-run, then run the very same command again (no flag): it continues
+    from the last checkpoint and ends with the step count of an uninterrupted run."""
     _copy_inputs(straight.cfg.run_dir, tmp_path)
     overrides = [
         f"run_dir={tmp_path}",
@@ -179,11 +181,41 @@ def test_driver_killed_then_resume(straight: Straight, tmp_path: Path) -> None:
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
-    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = TrainResult.load(tmp_path / "train.json")
     assert 0 < result.resumed_from_step < STEPS
     assert result.steps == STEPS and result.samples == straight.result.samples
+
+
+def test_fresh_moves_the_old_checkpoints_aside(straight: Straight, tmp_path: Path) -> None:
+    ingested = _copy_inputs(straight.cfg.run_dir, tmp_path)
+    cfg = _cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every_steps=3")
+    first = train(cfg, ingested)
+    assert first.steps == 6
+    again = train(cfg, ingested, fresh=True)
+    assert again.resumed_from_step == 0 and again.steps == 6
+    storage = tmp_path / "ray_results"
+    aside = [p for p in storage.iterdir() if p.name.startswith(f"{cfg.name}-train.aside-")]
+    assert len(aside) == 1, sorted(p.name for p in storage.iterdir())
+    kept = sorted(aside[0].glob("checkpoint_*"))
+    assert kept and any((c / "train_state.json").exists() for c in kept), "the old checkpoints are kept, not deleted"
+    assert (aside[0] / "checkpoint_manager_snapshot.json").exists()
+
+
+def test_checkpoint_of_another_config_is_refused_naming_both_hashes(straight: Straight, tmp_path: Path) -> None:
+    from pipeline.checkpoints import CheckpointMismatchError, checkpoint_config_hash
+
+    ingested = _copy_inputs(straight.cfg.run_dir, tmp_path)
+    cfg = _cfg(tmp_path, "train.max_steps=2")
+    train(cfg, ingested)
+    other = _cfg(tmp_path, "train.max_steps=2", "train.dense_lr=0.01")
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(other, ingested)
+    old_hash, new_hash = checkpoint_config_hash(cfg), checkpoint_config_hash(other)
+    assert old_hash != new_hash and old_hash in str(info.value) and new_hash in str(info.value)
+    assert "--fresh" in str(info.value)
+    assert (tmp_path / "ray_results" / f"{cfg.name}-train" / "checkpoint_manager_snapshot.json").exists()
 
 
 def test_table_that_cannot_fit_names_table_and_memory(straight: Straight, tmp_path: Path) -> None:
