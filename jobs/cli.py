@@ -110,6 +110,7 @@ def train(
     """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel."""
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
+    from pipeline.train import NothingToTrainError
     from pipeline.train import train as run_train
 
     _quiet_libraries()
@@ -125,7 +126,10 @@ def train(
         warm_dir = warm.model_dir
         console.print(f"warm start from {warm_start} -> {warm_dir}")
     ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
-    result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
+    try:
+        result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
+    except NothingToTrainError as err:
+        _fail(err)
     console.print(
         f"trained {result.steps} steps, {result.samples:,} samples, {result.samples_per_s:,.0f} samples/s "
         f"-> {result.model_dir}"
@@ -152,6 +156,7 @@ def register(config: ConfigOpt, set_: SetOpt = None) -> None:
     Idempotent: the same trained model is registered once; re-running finishes an interrupted registration."""
     from pipeline.evaluate import EvalResult
     from pipeline.ingest import IngestResult
+    from pipeline.lineage import StageMismatchError
     from pipeline.register import register as run_register
     from pipeline.registry import RegistryUnavailableError
     from pipeline.train import TrainResult
@@ -166,7 +171,7 @@ def register(config: ConfigOpt, set_: SetOpt = None) -> None:
             TrainResult.load(run_dir / "train.json"),
             EvalResult.load(run_dir / "eval.json"),
         )
-    except (RegistryUnavailableError, FileNotFoundError) as err:
+    except (RegistryUnavailableError, FileNotFoundError, StageMismatchError) as err:
         _fail(err)
     console.print(f"registered {result.model_uri} ({result.alias_uri}), run {result.run_id}")
 
@@ -181,13 +186,14 @@ def run(
     from features.validate import DataValidationError
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import run_pipeline
+    from pipeline.train import NothingToTrainError
 
     _quiet_libraries()
     cfg = _load(config, set_)
     started = time.perf_counter()
     try:
         result = run_pipeline(cfg, with_generate=generate_data)
-    except (DataValidationError, RegistryUnavailableError) as err:
+    except (DataValidationError, RegistryUnavailableError, NothingToTrainError) as err:
         _fail(err)
     c = result.ingested.total_counts()
     console.print(
@@ -204,12 +210,17 @@ def promote(
     set_: SetOpt = None,
     version: Annotated[str | None, typer.Option("--version", help="version to judge; default: the challenger")] = None,
     force: Annotated[bool, typer.Option("--force", help="make it champion whatever the gate says")] = False,
+    allow_first: Annotated[
+        bool,
+        typer.Option("--allow-first", help="accept a first champion unchecked when no promotion.bounds are configured"),
+    ] = False,
     fail_on_reject: Annotated[bool, typer.Option("--fail-on-reject", help="exit 3 when rejected")] = False,
 ) -> None:
     """Promotion gate: challenger vs champion on the same evaluation window; moves 'champion' on a pass.
 
-    Every gated metric must be within promotion.thresholds. The decision is recorded as tags on both versions; the
-    first model becomes champion when there is none."""
+    Every gated metric must be within promotion.thresholds and promotion.bounds, with at least one finite
+    comparison. The decision is recorded as tags on both versions. A first champion must meet promotion.bounds (or
+    --allow-first when none are configured). The champion alias moves only if nobody moved it since the comparison."""
     from pipeline.promote import PromotionError
     from pipeline.promote import promote as run_promote
     from pipeline.registry import RegistryUnavailableError
@@ -217,7 +228,7 @@ def promote(
     _quiet_libraries()
     cfg = _load(config, set_)
     try:
-        result = run_promote(cfg, version=version, force=force)
+        result = run_promote(cfg, version=version, force=force, allow_first=allow_first)
     except (PromotionError, RegistryUnavailableError) as err:
         _fail(err)
     print_promotion(result)
@@ -231,19 +242,27 @@ def print_promotion(result: object) -> None:
     assert isinstance(result, PromotionResult)
     if result.checks:
         table = Table(title=f"Gate: v{result.challenger_version} vs champion v{result.champion_before}")
-        for col in ("metric", "challenger", "champion", "drop", "max drop", ""):
+        for col in ("metric", "challenger", "champion", "drop", "allowed", ""):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for c in result.checks:
             cells = [c["challenger"], c["champion"], c["drop"]]
             shown = ["-" if v is None else f"{v:.4f}" for v in cells]
-            table.add_row(c["key"], *shown, f"{c['max_drop']:.4f}", "ok" if c["passed"] else "[red]FAIL[/red]")
+            table.add_row(c["key"], *shown, _allowed(c), "ok" if c["passed"] else "[red]FAIL[/red]")
         console.print(table)
     colour = {"promoted": "green", "rejected": "red", "unchanged": "yellow"}[result.decision]
     console.print(
-        f"[{colour}]{result.decision}[/{colour}]: {result.model_name} champion is version {result.champion_after} "
-        f"({result.reason})",
+        f"[{colour}]{result.decision}[/{colour}]: {result.model_name} champion is "
+        f"{'version ' + result.champion_after if result.champion_after else 'none'} ({result.reason})",
         highlight=False,
     )
+
+
+def _allowed(check: dict[str, object]) -> str:
+    """A check's rule: the largest drop against the champion, or an absolute [min, max]."""
+    if check.get("max_drop") is not None:
+        return f"drop <= {check['max_drop']:.4f}"
+    lo, hi = check.get("bound_min"), check.get("bound_max")
+    return f"[{'-' if lo is None else f'{lo:.4f}'}, {'-' if hi is None else f'{hi:.4f}'}]"
 
 
 @app.command()

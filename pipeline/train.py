@@ -34,9 +34,9 @@ from features.spec import FeatureSpec
 from features.stats import DenseStats
 from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
-from models.io import MODEL_FILE, WEIGHTS_FILE
+from models.io import MODEL_FILE, WEIGHTS_FILE, model_hash
 from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, loggable_config
 from pipeline.ingest import IngestResult
 
 STATE_FILE = "train_state.json"
@@ -54,6 +54,11 @@ class TrainResult:
     plan: dict[str, Any]
     resumed_from_step: int = 0
     world_size: int = 0
+    # What these weights are: their hash and the data they were trained on (see pipeline/lineage.py).
+    model_hash: str = ""
+    data_hash: str = ""
+    train_dates: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # RowAccounting: rows used, trained per epoch, dropped
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -92,6 +97,51 @@ class TrainingParts:
     loss_fn: MultiTaskLoss
     plan_summary: dict[str, Any]
     method: GradientMethod  # replaces loss.backward(): equal weights, uncertainty, PCGrad or DRGrad
+
+
+class NothingToTrainError(ValueError):
+    """The training window cannot fill one global batch: training would run 0 steps."""
+
+
+@dataclass(frozen=True)
+class RowAccounting:
+    """Where the rows of one epoch go. Ray Data's equal split gives each of ``world`` workers ``rows // world``
+    rows (the remainder is dropped), and each worker drops its last partial batch (``drop_last``: every rank must
+    run the same steps)."""
+
+    rows_used: int  # validated rows of the training window
+    global_batch: int
+    steps_per_epoch: int
+    rows_trained_per_epoch: int
+    dropped_by_equal_split: int
+    dropped_by_drop_last: int
+
+    @classmethod
+    def of(cls, rows_used: int, batch_size: int, world: int) -> RowAccounting:
+        per_worker = rows_used // world
+        steps = per_worker // batch_size
+        return cls(
+            rows_used=rows_used,
+            global_batch=batch_size * world,
+            steps_per_epoch=steps,
+            rows_trained_per_epoch=steps * batch_size * world,
+            dropped_by_equal_split=rows_used - per_worker * world,
+            dropped_by_drop_last=(per_worker - steps * batch_size) * world,
+        )
+
+
+def check_trainable(cfg: ExperimentConfig, ingested: IngestResult) -> RowAccounting:
+    """The row accounting of this window, or a clear error when not one step would run."""
+    rows = int(ingested.counts.get("train", {}).get("rows_used", 0))
+    accounting = RowAccounting.of(rows, cfg.train.batch_size, cfg.train.num_workers)
+    if accounting.steps_per_epoch == 0:
+        raise NothingToTrainError(
+            f"nothing to train: the training window {ingested.train_dates} has {rows:,} usable rows, fewer than one "
+            f"global batch per worker ({cfg.train.num_workers} worker(s) x train.batch_size {cfg.train.batch_size} ="
+            f" {accounting.global_batch:,} rows), so training would run 0 steps. Use more partitions "
+            "(data.train_days), a smaller train.batch_size or fewer train.num_workers"
+        )
+    return accounting
 
 
 def build_training(
@@ -406,6 +456,7 @@ def train(
 
     from pipeline.runtime import ensure_ray
 
+    accounting = check_trainable(cfg, ingested)
     ensure_ray(cfg)
     spec = cfg.feature_spec()
     storage = (cfg.run_dir / "ray_results").resolve()
@@ -419,7 +470,7 @@ def train(
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "experiment": cfg.model_dump(mode="json"),
+            "experiment": loggable_config(cfg),  # Ray keeps this config (params.json): nothing secret in it
             "spec": spec.model_dump(mode="json"),
             "stats": asdict(ingested.stats),
             "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
@@ -460,6 +511,12 @@ def train(
         plan=json.loads((model_dir / "plan.json").read_text()),
         resumed_from_step=int(metrics.get("resumed_from_step", 0)),
         world_size=int(metrics.get("world_size", cfg.train.num_workers)),
+        model_hash=model_hash(model_dir),
+        data_hash=ingested.data_hash,
+        train_dates=list(ingested.train_dates),
+        rows=asdict(accounting),
     )
+    if out.steps == 0:
+        raise NothingToTrainError(f"training ran 0 steps ({asdict(accounting)}): the model in {model_dir} is untrained")
     out.save(cfg.run_dir.resolve() / "train.json")
     return out

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import ExperimentConfig
-from pipeline.promote import gate
+from pipeline.gate import gate
 from pipeline.registry import is_transient, redact
 from tests.conftest import DRGRAD_SET, small_config
 
