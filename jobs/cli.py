@@ -241,7 +241,8 @@ def print_promotion(result: object) -> None:
 
     assert isinstance(result, PromotionResult)
     if result.checks:
-        table = Table(title=f"Gate: v{result.challenger_version} vs champion v{result.champion_before}")
+        against = f"champion v{result.champion_before}" if result.champion_before else "promotion.bounds (no champion)"
+        table = Table(title=f"Gate: v{result.challenger_version} vs {against}")
         for col in ("metric", "challenger", "champion", "drop", "allowed", ""):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for c in result.checks:
@@ -293,7 +294,8 @@ def daily(
         console.print(f"  {stage}: {took}", highlight=False)
     if report.promotion:
         p = report.promotion
-        console.print(f"promotion: {p['decision']}: champion is version {p['champion_after']} ({p['reason']})")
+        champion = f"version {p['champion_after']}" if p["champion_after"] else "none"
+        console.print(f"promotion: {p['decision']}: champion is {champion} ({p['reason']})")
     console.print(f"report -> {Path(report.run_dir) / 'daily_report.md'}")
 
 

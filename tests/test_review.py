@@ -229,3 +229,21 @@ def test_loggable_config_drops_the_submission_environment(tmp_path: Path) -> Non
     logged = loggable_config(cfg)
     assert "s3cret-token" not in json.dumps(logged)
     assert type(cfg).model_validate(logged).train == cfg.train, "workers rebuild the config from the loggable one"
+
+
+def test_only_alias_not_found_means_no_such_alias(tmp_path: Path) -> None:
+    """A missing model or alias is "none"; any other registry error raises (it must not read as "no champion")."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import version_by_alias
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert version_by_alias(client, "no-such-model", "champion") is None
+    client.create_registered_model("m")
+    assert version_by_alias(client, "m", "champion") is None
+    with pytest.raises(MlflowException, match="alias name cannot be empty"):
+        version_by_alias(client, "m", "")
+    with pytest.raises(MlflowException, match="Missing value for required parameter 'name'"):
+        version_by_alias(client, "", "champion")
