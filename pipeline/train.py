@@ -442,6 +442,20 @@ def _warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
         print(f"[train] warm start from {model_dir}", flush=True)
 
 
+def worker_config(
+    cfg: ExperimentConfig, ingested: IngestResult, warm_start_dir: Path | None, output_bias: dict[str, float]
+) -> dict[str, Any]:
+    """What every training worker receives. The experiment config in its loggable form: the workers need no tracking
+    URI and no submission environment, and Ray may show or store what it hands to workers."""
+    return {
+        "experiment": loggable_config(cfg),
+        "spec": cfg.feature_spec().model_dump(mode="json"),
+        "stats": asdict(ingested.stats),
+        "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
+        "output_bias": output_bias,
+    }
+
+
 def train(
     cfg: ExperimentConfig, ingested: IngestResult, resume: bool = False, warm_start_dir: Path | None = None
 ) -> TrainResult:
@@ -469,13 +483,7 @@ def train(
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "experiment": loggable_config(cfg),  # Ray keeps this config (params.json): nothing secret in it
-            "spec": spec.model_dump(mode="json"),
-            "stats": asdict(ingested.stats),
-            "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
-            "output_bias": priors,
-        },
+        train_loop_config=worker_config(cfg, ingested, warm_start_dir, priors),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,

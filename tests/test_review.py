@@ -247,3 +247,17 @@ def test_only_alias_not_found_means_no_such_alias(tmp_path: Path) -> None:
         version_by_alias(client, "m", "")
     with pytest.raises(MlflowException, match="Missing value for required parameter 'name'"):
         version_by_alias(client, "", "champion")
+
+
+def test_training_workers_receive_the_loggable_config(tmp_path: Path) -> None:
+    from pipeline.ingest import IngestResult
+    from pipeline.train import worker_config
+
+    cfg = small_config(
+        tmp_path, "submit.runtime_env={env_vars: {API_TOKEN: s3cret-token}}", "mlflow.tracking_uri=http://mlflow:5000"
+    )
+    (tmp_path / "stats.json").write_text(json.dumps({"mean": {}, "std": {}}))
+    ingested = IngestResult([], [], [], [], "", str(tmp_path / "stats.json"), {})
+    handed = json.dumps(worker_config(cfg, ingested, None, {}))
+    assert "s3cret-token" not in handed and "mlflow:5000" not in handed
+    assert json.loads(handed)["experiment"]["train"]["batch_size"] == cfg.train.batch_size
