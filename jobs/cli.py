@@ -150,6 +150,7 @@ def train(
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
     from pipeline.run import describe_trained
+    from pipeline.train import NothingToTrainError
     from pipeline.train import train as run_train
 
     cfg = _load(config, set_)
@@ -169,7 +170,7 @@ def train(
             with ConsoleReporter(out).stage("train") as progress:
                 result = run_train(cfg, ingested, warm_start_dir=warm_dir, fresh=fresh, progress=progress)
                 progress.done(describe_trained(result))
-        except CheckpointMismatchError as err:
+        except (CheckpointMismatchError, NothingToTrainError) as err:
             _fail(err, out)
         out.print(f"model -> {result.model_dir}")
 
@@ -199,6 +200,7 @@ def register(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False
     Idempotent: the same trained model is registered once; re-running finishes an interrupted registration."""
     from pipeline.evaluate import EvalResult
     from pipeline.ingest import IngestResult
+    from pipeline.lineage import StageMismatchError
     from pipeline.register import register as run_register
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import describe_registered
@@ -216,7 +218,7 @@ def register(config: ConfigOpt, set_: SetOpt = None, verbose: VerboseOpt = False
                     EvalResult.load(run_dir / "eval.json"),
                 )
                 progress.done(describe_registered(result))
-        except (RegistryUnavailableError, FileNotFoundError) as err:
+        except (RegistryUnavailableError, FileNotFoundError, StageMismatchError) as err:
             _fail(err, out)
         out.print(f"registered {result.model_uri} ({result.alias_uri}), run {result.run_id}")
 
@@ -234,13 +236,14 @@ def run(
     from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.registry import RegistryUnavailableError
     from pipeline.run import run_pipeline
+    from pipeline.train import NothingToTrainError
 
     cfg = _load(config, set_)
     started = time.perf_counter()
     with _session(cfg, verbose) as out:
         try:
             result = run_pipeline(cfg, with_generate=generate_data, reporter=ConsoleReporter(out), fresh=fresh)
-        except (DataValidationError, RegistryUnavailableError, CheckpointMismatchError) as err:
+        except (DataValidationError, RegistryUnavailableError, CheckpointMismatchError, NothingToTrainError) as err:
             _fail(err, out)
         print_summary(result.evaluated, result.registered, out)
         out.print(f"done in {time.perf_counter() - started:.0f}s")
@@ -252,13 +255,18 @@ def promote(
     set_: SetOpt = None,
     version: Annotated[str | None, typer.Option("--version", help="version to judge; default: the challenger")] = None,
     force: Annotated[bool, typer.Option("--force", help="make it champion whatever the gate says")] = False,
+    allow_first: Annotated[
+        bool,
+        typer.Option("--allow-first", help="accept a first champion unchecked when no promotion.bounds are configured"),
+    ] = False,
     fail_on_reject: Annotated[bool, typer.Option("--fail-on-reject", help="exit 3 when rejected")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Promotion gate: challenger vs champion on the same evaluation window; moves 'champion' on a pass.
 
-    Every gated metric must be within promotion.thresholds. The decision is recorded as tags on both versions; the
-    first model becomes champion when there is none."""
+    Every gated metric must be within promotion.thresholds and promotion.bounds, with at least one finite
+    comparison. The decision is recorded as tags on both versions. A first champion must meet promotion.bounds (or
+    --allow-first when none are configured). The champion alias moves only if nobody moved it since the comparison."""
     from pipeline.promote import PromotionError
     from pipeline.promote import promote as run_promote
     from pipeline.registry import RegistryUnavailableError
@@ -266,7 +274,7 @@ def promote(
     cfg = _load(config, set_)
     with _session(cfg, verbose) as out:
         try:
-            result = run_promote(cfg, version=version, force=force)
+            result = run_promote(cfg, version=version, force=force, allow_first=allow_first)
         except (PromotionError, RegistryUnavailableError) as err:
             _fail(err, out)
         print_promotion(result, out)
@@ -280,20 +288,29 @@ def print_promotion(result: object, out: Console | None = None) -> None:
     out = out or console
     assert isinstance(result, PromotionResult)
     if result.checks:
-        table = Table(title=f"Gate: v{result.challenger_version} vs champion v{result.champion_before}")
-        for col in ("metric", "challenger", "champion", "drop", "max drop", ""):
+        against = f"champion v{result.champion_before}" if result.champion_before else "promotion.bounds (no champion)"
+        table = Table(title=f"Gate: v{result.challenger_version} vs {against}")
+        for col in ("metric", "challenger", "champion", "drop", "allowed", ""):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for c in result.checks:
             cells = [c["challenger"], c["champion"], c["drop"]]
             shown = ["-" if v is None else f"{v:.4f}" for v in cells]
-            table.add_row(c["key"], *shown, f"{c['max_drop']:.4f}", "ok" if c["passed"] else "[red]FAIL[/red]")
+            table.add_row(c["key"], *shown, _allowed(c), "ok" if c["passed"] else "[red]FAIL[/red]")
         out.print(table)
     colour = {"promoted": "green", "rejected": "red", "unchanged": "yellow"}[result.decision]
     out.print(
-        f"[{colour}]{result.decision}[/{colour}]: {result.model_name} champion is version {result.champion_after} "
-        f"({result.reason})",
+        f"[{colour}]{result.decision}[/{colour}]: {result.model_name} champion is "
+        f"{'version ' + result.champion_after if result.champion_after else 'none'} ({result.reason})",
         highlight=False,
     )
+
+
+def _allowed(check: dict[str, object]) -> str:
+    """A check's rule: the largest drop against the champion, or an absolute [min, max]."""
+    if check.get("max_drop") is not None:
+        return f"drop <= {check['max_drop']:.4f}"
+    lo, hi = check.get("bound_min"), check.get("bound_max")
+    return f"[{'-' if lo is None else f'{lo:.4f}'}, {'-' if hi is None else f'{hi:.4f}'}]"
 
 
 @app.command()
@@ -343,7 +360,8 @@ def daily(
             out.print(f"  {stage}: {took}", highlight=False)
         if report.promotion:
             p = report.promotion
-            out.print(f"promotion: {p['decision']}: champion is version {p['champion_after']} ({p['reason']})")
+            champion = f"version {p['champion_after']}" if p["champion_after"] else "none"
+            out.print(f"promotion: {p['decision']}: champion is {champion} ({p['reason']})")
         out.print(f"report -> {Path(report.run_dir) / 'daily_report.md'}")
 
 

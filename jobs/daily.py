@@ -98,7 +98,8 @@ class DailyReport:
                 "",
                 f"## Promotion: {p['decision']}",
                 "",
-                f"champion before: {p['champion_before'] or 'none'}, after: {p['champion_after']}. {p['reason']}",
+                f"champion before: {p['champion_before'] or 'none'}, after: {p['champion_after'] or 'none'}. "
+                f"{p['reason']}",
             ]
         if self.metrics:
             lines += ["", "## Metrics", "", "| evaluation | metric | value |", "|---|---|---:|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,3 +43,15 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
     model.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(model=model, spec=spec, stats=stats, model_config=model_cfg)
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Content hash of a trained model (weights + description): the same training output always gives the same key.
+    Every stage result records it, so metrics can be checked to belong to the weights they describe."""
+    digest = hashlib.sha256()
+    for name in (MODEL_FILE, WEIGHTS_FILE):
+        digest.update(name.encode())
+        with open(Path(model_dir) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

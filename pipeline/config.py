@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,6 +22,13 @@ from features.spec import FeatureSpec, load_feature_spec
 from features.validate import SUCCESS_MARKER
 from models.config import ModelConfig
 from models.gradients import GradientConfig
+
+_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Remove ``user:password@`` from every URL in ``text`` (MLflow's own errors quote the full request URL)."""
+    return _USERINFO.sub("***@", text)
 
 
 class ConfigError(ValueError):
@@ -116,6 +124,20 @@ class MlflowConfig(_Strict):
     artifact_location: str | None = Field(default=None, description="unset: <run_dir>/mlartifacts")
     experiment: str = "mtrec"
     model_name: str = "mtrec-multitask"
+    quarantine_sample_rows: int = Field(
+        default=20, ge=0, description="quarantined rows uploaded with the run; the full file stays in run_dir"
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # A URI travels in job entrypoints, process arguments and logs: credentials go through MLflow's own variables.
+        if value is not None and urlsplit(value).password is not None:
+            raise ValueError(
+                "the tracking URI must not carry credentials (user:password@): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"
+            )
+        return value
 
 
 # Metrics the promotion gate understands, and which way is better: higher (AUC), lower (losses), or nearer 1.
@@ -128,6 +150,19 @@ GATE_METRICS: dict[str, Literal["higher", "lower", "one"]] = {
 }
 
 
+def _check_metric_key(key: str) -> None:
+    name, _, metric = key.rpartition(".")
+    if not name or metric not in GATE_METRICS:
+        raise ValueError(f"'{key}' must be <evaluation name or *>.<{'|'.join(GATE_METRICS)}>")
+
+
+class Bound(_Strict):
+    """An absolute bound on one metric: ``min`` and/or ``max`` (inclusive)."""
+
+    min: float | None = None
+    max: float | None = None
+
+
 class PromotionConfig(_Strict):
     """The promotion gate: a challenger replaces the champion only if no gated metric regresses by more than allowed.
 
@@ -135,19 +170,33 @@ class PromotionConfig(_Strict):
     allowed drop, in the metric's own units: AUC may fall by at most that much, RMSE/logloss rise by at most that
     much, calibration move away from 1 by at most that much. ``*.<metric>`` applies to every evaluation name that has
     the metric and no explicit entry. A named entry whose evaluation name is missing fails the gate.
+
+    ``bounds`` are absolute: ``{"*.auc": {"min": 0.6}, "ctr.calibration": {"min": 0.8, "max": 1.25}}``. Every
+    promotion checks them; they are the only check a first champion gets, so without them a first model is promoted
+    only with ``mtrec promote --allow-first``.
     """
 
     thresholds: dict[str, float] = Field(default_factory=lambda: {"*.auc": 0.005, "*.gauc": 0.005, "*.rmse": 0.01})
+    bounds: dict[str, Bound] = Field(default_factory=dict)
 
     @field_validator("thresholds")
     @classmethod
     def _known_metrics(cls, value: dict[str, float]) -> dict[str, float]:
         for key, drop in value.items():
-            name, _, metric = key.rpartition(".")
-            if not name or metric not in GATE_METRICS:
-                raise ValueError(f"'{key}' must be <evaluation name or *>.<{'|'.join(GATE_METRICS)}>")
+            _check_metric_key(key)
             if drop < 0:
                 raise ValueError(f"'{key}': the allowed drop must be >= 0, got {drop}")
+        return value
+
+    @field_validator("bounds")
+    @classmethod
+    def _known_bounds(cls, value: dict[str, Bound]) -> dict[str, Bound]:
+        for key, bound in value.items():
+            _check_metric_key(key)
+            if bound.min is None and bound.max is None:
+                raise ValueError(f"'{key}': give min, max or both")
+            if bound.min is not None and bound.max is not None and bound.min > bound.max:
+                raise ValueError(f"'{key}': min {bound.min} is above max {bound.max}")
         return value
 
 
@@ -233,6 +282,12 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def loggable_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as it may be logged or handed to other processes: no tracking URI (a server address is
+    deployment detail), no submission runtime env (its values may be secrets)."""
+    return cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}, "submit": {"runtime_env"}})
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, source: str) -> None:
     if "=" not in dotted:
         raise ConfigError(f"override '{dotted}' must look like section.field=value")
@@ -257,7 +312,7 @@ def parse_config(data: dict[str, Any], source: str = "<dict>", overrides: list[s
         lines = [f"invalid config {source}:"]
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-            got = f" (got {e.get('input')!r})" if e["loc"] else ""  # the root's input is the whole config
+            got = f" (got {redact(repr(e.get('input')))})" if e["loc"] else ""  # the root's input is the whole config
             lines.append(f"  {loc}: {e['msg']}{got}")
         raise ConfigError("\n".join(lines)) from None
 

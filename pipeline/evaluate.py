@@ -22,7 +22,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from features.spec import FeatureSpec, TaskKind, row_ids
 from features.transform import BatchTransform
-from models.io import load_model
+from models.io import load_model, model_hash
 from models.multitask import joint_name, predictions
 from pipeline.config import ExperimentConfig
 from pipeline.ingest import IngestResult
@@ -41,6 +41,8 @@ class EvalResult:
     eval_dates: list[str]
     predictions_path: str
     notes: list[str] = field(default_factory=list)  # why a metric is absent (e.g. GAUC without a grouping key)
+    model_hash: str = ""  # the weights scored (see pipeline/lineage.py)
+    data_hash: str = ""  # the ingest whose evaluation window was scored
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -161,6 +163,7 @@ def score_files(
 
 
 def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult) -> EvalResult:
+    scored_hash = model_hash(trained.model_dir)  # before loading: the hash of exactly what is scored
     loaded = load_model(trained.model_dir)
     transform = BatchTransform(loaded.spec, loaded.stats)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -203,6 +206,8 @@ def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult
         eval_dates=ingested.eval_dates,
         predictions_path=str(pred_path),
         notes=notes,
+        model_hash=scored_hash,
+        data_hash=ingested.data_hash,
     )
     result.save(cfg.run_dir.resolve() / "eval.json")
     return result

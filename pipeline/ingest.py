@@ -8,6 +8,7 @@ spreads over a cluster. The driver only merges counts, moments and the (small) q
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,8 @@ class IngestResult:
             return DataWindow(**self.window).key()
         return DataWindow(self.train_dates, self.eval_dates, [], []).key()
 
+    data_hash: str = ""  # identity of this ingest (see data_fingerprint); every later stage records it
+
     @property
     def stats(self) -> DenseStats:
         return DenseStats.load(self.stats_path)
@@ -76,6 +79,19 @@ class IngestResult:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the ingest stage first")
         return cls(**json.loads(path.read_text()))
+
+
+def data_fingerprint(sources: list[tuple[str, Path]], counts: dict[str, Any], stats_path: Path) -> str:
+    """Identity of an ingest: the dated source files (path, size, modification time), the validation counts and the
+    dense statistics. A re-ingest of other or changed logs gets another value, so results computed on the earlier
+    ingest can be told apart."""
+    digest = hashlib.sha256()
+    for date, path in sources:
+        st = path.stat()
+        digest.update(f"{date}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    digest.update(json.dumps(counts, sort_keys=True).encode())
+    digest.update(stats_path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +196,7 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         stats_path=str(stats_path),
         counts={k: asdict(v) for k, v in counts.items()},
         window=asdict(window),
+        data_hash=data_fingerprint(files, {k: asdict(v) for k, v in counts.items()}, stats_path),
     )
     # Fail after writing the quarantine, so the user can inspect what was rejected; before ingest.json, so nothing
     # downstream takes the rejected window for a validated one.

@@ -1,26 +1,30 @@
-"""Promotion gate: the ``challenger`` replaces the ``champion`` only when, on the challenger's evaluation window (the
-same rows for both), no gated metric regresses by more than ``promotion.thresholds`` allows.
+"""Promotion: the ``challenger`` replaces the ``champion`` only when the gate (``pipeline/gate.py``) passes: on the
+challenger's evaluation window (the same rows for both), no gated metric regresses by more than
+``promotion.thresholds`` allows, and every absolute bound of ``promotion.bounds`` holds.
 
 The champion's metrics on that window come from the challenger's run (``eval/champion_comparison.json``, written at
 registration against the then champion) when the champion is still the same version, otherwise from scoring the
 champion's weights on the evaluation files of ``<run_dir>/ingest.json``. Both models are scored by this code from
 their safetensors weights, so nothing from the store is unpickled or executed.
 
-The decision is recorded as tags on both versions; the ``champion`` alias moves only on a pass (the replaced
-champion gets ``previous_champion``, for a one-command rollback). The first model becomes champion when there is none.
-Deciding twice is harmless: a challenger already judged against the current champion gets the recorded decision.
+The decision is recorded as tags on both versions; the ``champion`` alias moves only on a pass, compare-and-set: it
+is re-read just before the move and the promotion is refused if it changed since the comparison (the replaced
+champion gets ``previous_champion``, for a one-command rollback). A first model becomes champion only when it meets
+``promotion.bounds``, or with ``--allow-first`` when none is configured. Only "alias not found" means "no champion":
+any other error reading an alias fails the promotion. Deciding twice is harmless: a challenger already judged
+against the current champion gets the recorded decision.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pipeline.config import GATE_METRICS, ExperimentConfig
+from pipeline.config import ExperimentConfig
+from pipeline.gate import gate
 from pipeline.registry import (
     CHALLENGER,
     CHAMPION,
@@ -41,101 +45,6 @@ if TYPE_CHECKING:
 
 Decision = Literal["promoted", "rejected", "unchanged"]
 _TAG_LIMIT = 4500  # model version tag values are capped at 5000 characters
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The gate (pure)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One gated metric: ``drop`` is the regression in the metric's units (positive = worse than the champion)."""
-
-    key: str  # <evaluation name>.<metric>
-    challenger: float | None
-    champion: float | None
-    drop: float | None
-    max_drop: float
-    passed: bool
-    note: str = ""
-
-    def describe(self) -> str:
-        if self.note:
-            return f"{self.key}: {self.note}"
-        assert self.challenger is not None and self.champion is not None and self.drop is not None
-        verdict = "ok" if self.passed else "FAIL"
-        return (
-            f"{self.key} {self.challenger:.4f} vs {self.champion:.4f}: drop {self.drop:+.4f} "
-            f"(max {self.max_drop:.4f}) {verdict}"
-        )
-
-
-@dataclass(frozen=True)
-class GateResult:
-    passed: bool
-    checks: list[Check]
-
-    @property
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def reason(self) -> str:
-        if not self.checks:
-            return "no gated metric in common with the champion"
-        if self.passed:
-            return f"all {len(self.checks)} gated metrics within thresholds"
-        return "regressed: " + "; ".join(c.describe() for c in self.failures)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "reason": self.reason(), "checks": [asdict(c) for c in self.checks]}
-
-
-def _regression(metric: str, challenger: float, champion: float) -> float:
-    """How much worse the challenger is, in the metric's units (negative = better)."""
-    direction = GATE_METRICS[metric]
-    if direction == "higher":
-        return champion - challenger
-    if direction == "lower":
-        return challenger - champion
-    return abs(challenger - 1.0) - abs(champion - 1.0)
-
-
-def _finite(x: float | None) -> bool:
-    return x is not None and not math.isnan(x) and not math.isinf(x)
-
-
-def gate(
-    challenger: dict[str, dict[str, float]], champion: dict[str, dict[str, float]], thresholds: dict[str, float]
-) -> GateResult:
-    """Apply the per-metric thresholds (see PromotionConfig): explicit ``name.metric`` entries, then ``*.metric``
-    for every evaluation name both models have. A named entry the models lack fails (the config and the model
-    disagree, which a gate must not wave through); a metric the challenger cannot compute (NaN) fails too."""
-    rules: dict[str, float] = {}
-    for key, drop in thresholds.items():
-        name, _, metric = key.rpartition(".")
-        if name == "*":
-            for ev in sorted(set(challenger) & set(champion)):
-                if metric in challenger[ev] or metric in champion[ev]:
-                    rules.setdefault(f"{ev}.{metric}", drop)
-    rules.update({k: v for k, v in thresholds.items() if not k.startswith("*.")})
-
-    checks: list[Check] = []
-    for key in sorted(rules):
-        name, _, metric = key.rpartition(".")
-        max_drop = rules[key]
-        new = challenger.get(name, {}).get(metric)
-        old = champion.get(name, {}).get(metric)
-        if new is None or old is None:
-            who = "challenger" if new is None else "champion"
-            checks.append(Check(key, new, old, None, max_drop, False, f"missing in the {who}'s metrics"))
-        elif not _finite(new) and _finite(old):
-            checks.append(Check(key, new, old, None, max_drop, False, "challenger's value is not finite"))
-        elif not _finite(old):
-            checks.append(Check(key, new, old, None, max_drop, True, "champion's value is not finite: not compared"))
-        else:
-            drop = _regression(metric, new, old)
-            checks.append(Check(key, new, old, drop, max_drop, drop <= max_drop + 1e-12))
-    return GateResult(passed=all(c.passed for c in checks), checks=checks)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,7 +118,7 @@ class PromotionResult:
     model_name: str
     challenger_version: str
     champion_before: str | None
-    champion_after: str
+    champion_after: str | None  # None: still no champion (a first model refused)
     decision: Decision
     reason: str
     eval_dates: list[str] = field(default_factory=list)
@@ -223,12 +132,19 @@ class PromotionError(RuntimeError):
     """The gate cannot be evaluated (no challenger, no comparable evaluation data)."""
 
 
-def promote(cfg: ExperimentConfig, version: str | None = None, force: bool = False) -> PromotionResult:
+class ChampionChangedError(PromotionError):
+    """The champion alias moved between the comparison and the move (another promotion ran at the same time)."""
+
+
+def promote(
+    cfg: ExperimentConfig, version: str | None = None, force: bool = False, allow_first: bool = False
+) -> PromotionResult:
     """Judge ``version`` (default: the ``challenger`` alias) against the champion; see the module docstring.
-    ``force`` moves the champion alias whatever the gate says (recorded as forced)."""
+    ``force`` moves the champion alias whatever the gate says (recorded as forced); ``allow_first`` accepts a first
+    champion when no absolute bound (``promotion.bounds``) is configured to check it against."""
     with http_settings(cfg):
         result = call_with_retries(
-            lambda: _promote_once(cfg, version, force),
+            lambda: _promote_once(cfg, version, force, allow_first),
             cfg,
             "run the promotion gate",
             "Nothing was changed in the registry by this attempt's failure; run `mtrec promote` again later.",
@@ -241,7 +157,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _promote_once(cfg: ExperimentConfig, version: str | None, force: bool) -> PromotionResult:
+def _promote_once(cfg: ExperimentConfig, version: str | None, force: bool, allow_first: bool) -> PromotionResult:
     client = registry_client(cfg)
     name = cfg.mlflow.model_name
     if version is None:
@@ -252,12 +168,8 @@ def _promote_once(cfg: ExperimentConfig, version: str | None, force: bool) -> Pr
         challenger = client.get_model_version(name, version)
     number = str(challenger.version)
     champion = version_by_alias(client, name, CHAMPION)
-
     if champion is None:
-        reason = "first model: there was no champion"
-        _move_champion(client, name, number, None)
-        _tag_challenger(client, challenger, "promoted", reason, None, [], [], _rules(cfg))
-        return PromotionResult(name, number, None, number, "promoted", reason)
+        return _first_champion(client, cfg, challenger, force, allow_first)
     champ = str(champion.version)
     if champ == number:
         return PromotionResult(name, number, champ, champ, "unchanged", f"version {number} is already the champion")
@@ -279,7 +191,7 @@ def _promote_once(cfg: ExperimentConfig, version: str | None, force: bool) -> Pr
         )
 
     champion_metrics = _champion_metrics(client, cfg, challenger, champion, eval_dates)
-    result = gate(challenger_metrics, champion_metrics, cfg.promotion.thresholds)
+    result = gate(challenger_metrics, champion_metrics, cfg.promotion.thresholds, cfg.promotion.bounds)
     checks = [asdict(c) for c in result.checks]
     if result.passed or force:
         reason = result.reason() if result.passed else f"forced by operator despite: {result.reason()}"
@@ -296,14 +208,64 @@ def _promote_once(cfg: ExperimentConfig, version: str | None, force: bool) -> Pr
     return PromotionResult(name, number, champ, champ, "rejected", reason, eval_dates, checks)
 
 
+def _first_champion(
+    client: MlflowClient, cfg: ExperimentConfig, challenger: ModelVersion, force: bool, allow_first: bool
+) -> PromotionResult:
+    """No champion yet: the challenger must meet the absolute bounds, or the operator accepts it explicitly."""
+    name, number = challenger.name, str(challenger.version)
+    eval_dates, metrics = _challenger_evaluation(client, challenger)
+    result = gate(metrics, None, cfg.promotion.thresholds, cfg.promotion.bounds)
+    checks = [asdict(c) for c in result.checks]
+    if result.passed:
+        reason = f"first champion: {result.reason()}"
+    elif allow_first and not cfg.promotion.bounds:
+        reason = "first champion accepted by the operator (--allow-first); no promotion.bounds configured"
+    elif force:
+        reason = f"first champion forced by operator despite: {result.reason()}"
+    else:
+        reason = f"first champion refused: {result.reason()}"
+        _tag_challenger(client, challenger, "rejected", reason, None, eval_dates, checks, _rules(cfg))
+        return PromotionResult(name, number, None, None, "rejected", reason, eval_dates, checks)
+    _move_champion(client, name, number, None)
+    _tag_challenger(client, challenger, "promoted", reason, None, eval_dates, checks, _rules(cfg))
+    return PromotionResult(name, number, None, number, "promoted", reason, eval_dates, checks)
+
+
 def _rules(cfg: ExperimentConfig) -> str:
-    return json.dumps(cfg.promotion.thresholds, sort_keys=True)[:_TAG_LIMIT]
+    rules = {"thresholds": cfg.promotion.thresholds, "bounds": cfg.promotion.model_dump(mode="json")["bounds"]}
+    return json.dumps(rules, sort_keys=True)[:_TAG_LIMIT]
 
 
-def _move_champion(client: MlflowClient, name: str, number: str, previous: str | None) -> None:
-    if previous is not None:
-        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+def _move_champion(client: MlflowClient, name: str, number: str, expected: str | None) -> None:
+    """Compare-and-set: move ``champion`` to ``number`` only if it still is ``expected`` (the version the gate
+    compared with; None: there was none), re-read just before the move; then read it back.
+
+    MLflow has no atomic alias update, so two promotions that both re-read before either writes can still both
+    write; the read-back catches the one that lost (its own move was overwritten) and the tags on both versions
+    record who replaced whom. The replaced champion keeps the ``previous_champion`` alias (one-command rollback)
+    and its ``promotion.replaced_by`` tag."""
+    current = version_by_alias(client, name, CHAMPION)
+    now = None if current is None else str(current.version)
+    if now != expected:
+        raise ChampionChangedError(
+            f"the champion of '{name}' changed from {_v(expected)} to {_v(now)} after version {number} was compared "
+            f"with it (another promotion ran at the same time): nothing was changed. Run `mtrec promote --version "
+            f"{number}` again to compare it with the new champion"
+        )
+    if expected is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, expected)
     client.set_registered_model_alias(name, CHAMPION, number)
+    after = version_by_alias(client, name, CHAMPION)
+    if after is None or str(after.version) != number:
+        raise ChampionChangedError(
+            f"version {number} was made champion of '{name}', but a concurrent promotion moved the alias to "
+            f"{_v(None if after is None else str(after.version))} at the same moment; check its tags and promote again "
+            "if needed"
+        )
+
+
+def _v(number: str | None) -> str:
+    return "no champion" if number is None else f"version {number}"
 
 
 def _tag_challenger(

@@ -30,11 +30,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from models.gradients import head_config
-from models.io import MODEL_FILE, WEIGHTS_FILE
-from pipeline.config import ExperimentConfig
+from models.io import MODEL_FILE, WEIGHTS_FILE, model_hash
+from pipeline.config import ExperimentConfig, loggable_config
 from pipeline.evaluate import EvalResult
+from pipeline.gate import gate
 from pipeline.ingest import IngestResult
-from pipeline.promote import compare_with_champion, gate
+from pipeline.lineage import check_stage_results
+from pipeline.promote import compare_with_champion
 from pipeline.pyfunc import MODEL_DIR_ARTIFACT, feature_columns, model_signature
 from pipeline.registry import (
     CHALLENGER,
@@ -42,7 +44,6 @@ from pipeline.registry import (
     call_with_retries,
     http_settings,
     is_transient,
-    model_hash,
     redact,
     registry_client,
     versions_with_tag,
@@ -85,6 +86,7 @@ SERVING_DISTRIBUTIONS = (
     "safetensors",
     "mlflow",
 )
+QUARANTINE_SAMPLE = "quarantine_sample.parquet"  # run artifact data/<this>; the full file stays in run_dir
 _DESCRIPTION_LIMIT = 4500  # MLflow stores version descriptions in a 5000-character column
 
 T = TypeVar("T")
@@ -166,12 +168,6 @@ def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def loggable_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config as logged: no tracking URI (it may carry credentials), no submission runtime env (may carry env
-    values), no machine-specific paths beyond what the user configured."""
-    return cfg.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}, "submit": {"runtime_env"}})
-
-
 def _metric_key(*parts: str) -> str:
     return ".".join(parts)
 
@@ -222,7 +218,11 @@ def register(
     evaluated: EvalResult,
     extra_tags: dict[str, str] | None = None,
 ) -> RegisterResult:
-    """Log and register the trained model (idempotent, retried); ``extra_tags`` go on the run and the version."""
+    """Log and register the trained model (idempotent, retried); ``extra_tags`` go on the run and the version.
+
+    Refuses (:class:`StageMismatchError`, before contacting the registry) stage results that do not describe the
+    same data and weights, and an untrained model."""
+    check_stage_results(ingested, trained, evaluated)
     on_failure = (
         f"The trained model and its evaluation remain on disk at {trained.model_dir} "
         f"(run directory {cfg.run_dir.resolve()}); run `mtrec register` with the same config when the server is "
@@ -265,6 +265,7 @@ def _register_once(
             tags={
                 "data_window": f"{ingested.train_dates[0]}..{ingested.train_dates[-1]}",
                 "eval_window": ",".join(ingested.eval_dates),
+                "data_hash": ingested.data_hash,
                 "config_hash": cfg.fingerprint(),
                 "code_revision": code_revision(),
                 "run_id": run_id,
@@ -303,6 +304,27 @@ def _finish_version(client: MlflowClient, cfg: ExperimentConfig, version: ModelV
     client.set_registered_model_alias(name, CHALLENGER, number)
     client.set_model_version_tag(name, number, COMPLETE_TAG, "complete")
     print(f"[register] {name} version {number} registered, alias {CHALLENGER}")
+
+
+def _quarantine_sample(path: Path, rows: int, out: Path) -> tuple[int, int]:
+    """Up to ``rows`` quarantined rows, spread over the rejection reasons, written to ``out``; returns (rows written,
+    rows quarantined). Raw user rows leave the run directory only as this small sample."""
+    import polars as pl
+
+    from features.validate import REASON_COLUMN
+
+    if not path.exists():
+        return 0, 0
+    total = pq.ParquetFile(path).metadata.num_rows
+    if rows == 0 or total == 0:
+        return 0, total
+    frame = pl.read_parquet(path)
+    # Round-robin over the reasons: the k-th row of every reason before the (k+1)-th of any.
+    turn = pl.int_range(pl.len()).over(REASON_COLUMN).alias("_turn")
+    sample = frame.with_columns(turn).sort("_turn", maintain_order=True).head(rows).drop("_turn")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample.write_parquet(out)
+    return sample.height, total
 
 
 def _log_gradient_diagnostics(client: MlflowClient, run_id: str, model_dir: Path) -> None:
@@ -346,7 +368,12 @@ def _log_run(
     comparison, champion_frame, note = compare_with_champion(
         client, cfg, ingested.eval_files, ingested.eval_dates, exclude_hash=key
     )
-    preview = gate(evaluated.metrics, comparison.metrics, cfg.promotion.thresholds) if comparison else None
+    preview = gate(
+        evaluated.metrics,
+        comparison.metrics if comparison else None,
+        cfg.promotion.thresholds,
+        cfg.promotion.bounds,
+    )
 
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.name}-{ingested.eval_dates[-1]}") as run:
         # The key first: a run an interrupted attempt leaves behind is then recognised (and retired) by the next one.
@@ -355,6 +382,7 @@ def _log_run(
         mlflow.set_tags(
             {
                 "data_window": data_window,
+                "data_hash": ingested.data_hash,
                 "eval_window": ",".join(ingested.eval_dates),
                 "config_hash": cfg.fingerprint(),
                 "code_revision": code_revision(),
@@ -370,6 +398,7 @@ def _log_run(
             "train.steps": trained.steps,
             "train.samples": trained.samples,
             "train.samples_per_s": trained.samples_per_s,
+            **{f"train.rows.{k}": v for k, v in trained.rows.items()},
         }
         for name, values in evaluated.metrics.items():
             metrics.update({_metric_key(name, k): v for k, v in values.items()})
@@ -398,7 +427,6 @@ def _log_run(
         mlflow.log_dict(dict(ingested.counts), "data/counts.json")
         if ingested.window:  # the exact source files the run read
             mlflow.log_dict(ingested.window, "data/window.json")
-        mlflow.log_artifact(ingested.quarantine_path, "data")
         mlflow.log_dict(trained.plan, "train/sharding_plan.json")
         mlflow.log_dict(asdict(evaluated), "eval/metrics.json")
         mlflow.log_text(evaluated.format_table(), "eval/summary.txt")
@@ -408,6 +436,12 @@ def _log_run(
             mlflow.log_dict(preview.to_dict(), "eval/gate_preview.json")
 
         with tempfile.TemporaryDirectory() as tmp:
+            sample_path = Path(tmp) / QUARANTINE_SAMPLE
+            sampled, _ = _quarantine_sample(
+                Path(ingested.quarantine_path), cfg.mlflow.quarantine_sample_rows, sample_path
+            )
+            if sampled:
+                mlflow.log_artifact(str(sample_path), "data")
             plots = write_plots(
                 Path(tmp) / "plots",
                 spec=spec,
@@ -438,6 +472,8 @@ def _log_run(
                 gate=preview,
                 plots=[f"plots/{p.name}" for p in plots],
                 tags=extra_tags,
+                quarantine_sampled=sampled,
+                quarantine_path=ingested.quarantine_path,
             )
             mlflow.log_text(model_card(inputs), "card/model_card.md")
             mlflow.log_text(summary_card(inputs), "card/summary.md")

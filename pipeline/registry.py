@@ -6,7 +6,6 @@ The register stage, the promotion gate and the daily job all build on this modul
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from models.gradients import head_config
 from models.io import MODEL_FILE, WEIGHTS_FILE
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, redact
 from pipeline.pyfunc import MODEL_DIR_ARTIFACT
 
 if TYPE_CHECKING:
@@ -48,14 +47,6 @@ class RegistryUnavailableError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Credentials, retries, client
-
-
-_USERINFO = re.compile(r"(?<=//)[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """Remove ``user:password@`` from every URL in ``text`` (MLflow's own errors quote the full request URL)."""
-    return _USERINFO.sub("***@", text)
 
 
 def _cause_chain(err: BaseException) -> Iterator[BaseException]:
@@ -146,13 +137,22 @@ def registry_client(cfg: ExperimentConfig) -> MlflowClient:
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    """The version holding ``alias``, or None when the alias (or the registered model) does not exist."""
+    """The version holding ``alias``, or None when the alias (or the registered model) does not exist. Any other
+    error (no permission, a bad request, a server fault) raises: it must never read as "there is no such alias"."""
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if is_transient(err):
-            raise
-        return None
+        if alias_not_found(err, alias):
+            return None
+        raise
+
+
+def alias_not_found(err: MlflowException, alias: str) -> bool:
+    """MLflow's answers for a missing registered model (RESOURCE_DOES_NOT_EXIST) and for a missing alias of an
+    existing one (INVALID_PARAMETER_VALUE, "Registered model alias <alias> not found")."""
+    if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return err.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in str(err)
 
 
 def versions_with_tag(client: MlflowClient, name: str, key: str, value: str) -> list[ModelVersion]:
@@ -163,17 +163,6 @@ def versions_with_tag(client: MlflowClient, name: str, key: str, value: str) -> 
 
 def _q(value: str) -> str:
     return value.replace("'", "\\'")
-
-
-def model_hash(model_dir: str | Path) -> str:
-    """Content hash of a trained model (weights + description): the same training output always gives the same key."""
-    digest = hashlib.sha256()
-    for name in (MODEL_FILE, WEIGHTS_FILE):
-        digest.update(name.encode())
-        with open(Path(model_dir) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _safe_name(name: str) -> str:

@@ -1,8 +1,9 @@
 """What a reviewer reads before serving a model: the model card (markdown) and plots (PNG, matplotlib's Agg backend,
 no display needed), logged with every registered version.
 
-* ``calibration.png``: per evaluation name, mean label against mean prediction in prediction deciles, on the task's
-  own sample space (children of ``given``/ESMM parents on the parent's positives), champion beside when there is one.
+* ``calibration.png``: per evaluation name, mean label (y) against mean prediction (x) in prediction deciles
+  (sklearn's ``calibration_curve``), on the task's own sample space (children of ``given``/ESMM parents on the
+  parent's positives), champion beside when there is one. Points below the diagonal: the model over-predicts.
 * ``metrics_vs_champion.png``: AUC/GAUC per evaluation name (and RMSE for regression tasks) for this model, the
   champion on the same rows, and the oracle (the generator's true probabilities) when known.
 * ``training_curves.png``: the logged training losses by step.
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     import polars as pl
 
     from pipeline.evaluate import EvalResult
-    from pipeline.promote import ChampionComparison, GateResult
+    from pipeline.gate import GateResult
+    from pipeline.promote import ChampionComparison
     from pipeline.train import TrainResult
 
 GRADIENT_DIAGNOSTICS_FILE = "gradient_diagnostics.json"
@@ -52,6 +54,8 @@ class CardInputs:
     gate: GateResult | None
     plots: list[str] = field(default_factory=list)  # artifact paths
     tags: dict[str, str] = field(default_factory=dict)
+    quarantine_sampled: int = 0  # quarantined rows uploaded with the run (data/quarantine_sample.parquet)
+    quarantine_path: str = ""  # the full quarantine file, in the run directory only
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -101,11 +105,21 @@ def _data_section(c: CardInputs) -> list[str]:
 def _training_section(c: CardInputs) -> list[str]:
     t = c.trained
     losses = ", ".join(f"{k} {v:.4f}" for k, v in t.final_losses.items()) or "-"
-    return [
+    lines = [
         f"- steps: {t.steps:,}; samples: {t.samples:,}; throughput: {t.samples_per_s:,.0f} samples/s "
         f"over {t.loop_seconds:.1f}s",
         f"- last logged losses: {losses}",
     ]
+    r = t.rows
+    if r:
+        dropped = r["dropped_by_equal_split"] + r["dropped_by_drop_last"]
+        lines.append(
+            f"- rows used {r['rows_used']:,}, rows trained per epoch {r['rows_trained_per_epoch']:,} "
+            f"({r['steps_per_epoch']:,} steps x global batch {r['global_batch']:,}); not trained per epoch: "
+            f"{dropped:,} ({r['dropped_by_equal_split']:,} by the equal split over workers, "
+            f"{r['dropped_by_drop_last']:,} by dropping each worker's last partial batch)"
+        )
+    return lines
 
 
 def _metrics_table(c: CardInputs) -> list[str]:
@@ -135,9 +149,25 @@ def _gate_section(c: CardInputs) -> list[str]:
     if c.gate is None:
         return ["Not evaluated: there is no champion comparison (see above)."]
     verdict = "**would pass**" if c.gate.passed else "**would be rejected**"
-    lines = [f"With the configured thresholds this model {verdict} against the current champion.", ""]
+    against = "against the current champion" if c.gate.with_champion else "as a first champion (absolute bounds only)"
+    lines = [f"With the configured thresholds and bounds this model {verdict} {against}: {c.gate.reason()}.", ""]
     lines += [f"- {check.describe()}" for check in c.gate.checks]
     return lines
+
+
+def _quarantine_note(c: CardInputs) -> str:
+    quarantined = sum(int(v.get("rows_quarantined", 0)) for v in c.counts.values())
+    where = f"`{c.quarantine_path}`" if c.quarantine_path else "the run directory"
+    if c.quarantine_sampled:
+        return (
+            f"Rows that failed validation against the feature spec were quarantined: {quarantined:,} rows. A sample "
+            f"of {c.quarantine_sampled:,} (spread over the reasons) is the run's `data/quarantine_sample.parquet`; "
+            f"the full file stays in the run directory ({where}) and is not uploaded (raw user rows)."
+        )
+    return (
+        f"Rows that failed validation against the feature spec were quarantined: {quarantined:,} rows, none uploaded "
+        f"(mlflow.quarantine_sample_rows); the full file stays in the run directory ({where})."
+    )
 
 
 def summary_card(c: CardInputs) -> str:
@@ -165,7 +195,7 @@ def model_card(c: CardInputs) -> str:
         "",
         "## Data",
         "",
-        "Rows that failed validation against the feature spec were quarantined (the run's `data/quarantine.parquet`).",
+        _quarantine_note(c),
         "",
         *_data_section(c),
         "",
@@ -231,13 +261,27 @@ def _sample(spec: FeatureSpec, frame: pl.DataFrame, name: str) -> tuple[np.ndarr
     return None
 
 
-def _reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Mean prediction and mean label per prediction-quantile bin."""
-    if len(p) == 0:
+def calibration_series(
+    spec: FeatureSpec, frame: pl.DataFrame, name: str, bins: int = 10
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The calibration plot's points of one evaluation name: (mean prediction, mean label) per prediction-quantile
+    bin, on the name's own sample space. sklearn's ``calibration_curve`` for probabilities; the same quantile
+    binning by hand for regression outputs (label space), which it does not take."""
+    from sklearn.calibration import calibration_curve
+
+    got = _sample(spec, frame, name)
+    if got is None:
+        return None
+    labels, preds = got
+    if len(preds) == 0:
         return np.array([]), np.array([])
-    order = np.argsort(p, kind="stable")
-    chunks = np.array_split(order, min(bins, len(p)))
-    return np.array([p[c].mean() for c in chunks]), np.array([y[c].mean() for c in chunks])
+    regression = {t.name for t in spec.tasks if t.kind != TaskKind.binary}
+    if name not in regression and len(np.unique(labels)) == 2:
+        label_mean, pred_mean = calibration_curve(labels, preds, n_bins=bins, strategy="quantile")
+        return pred_mean, label_mean
+    order = np.argsort(preds, kind="stable")
+    chunks = np.array_split(order, min(bins, len(preds)))
+    return np.array([preds[c].mean() for c in chunks]), np.array([labels[c].mean() for c in chunks])
 
 
 def plot_calibration(
@@ -249,19 +293,19 @@ def plot_calibration(
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for data, label, style in ((frame, "this model", "o-"), (champion, champion_label, "s--")):
-            got = _sample(spec, data, name) if data is not None else None
-            if got is None:
+            points = calibration_series(spec, data, name) if data is not None else None
+            if points is None:
                 continue
-            x, y = _reliability(got[1], got[0])
-            ax.plot(x, y, style, markersize=4, label=label)
-        lo, hi = ax.get_xlim()
+            ax.plot(points[0], points[1], style, markersize=4, label=label)
+        lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
+        hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, label="ideal")
         unit = " (label space)" if name in regression else ""
         ax.set_title(name)
         ax.set_xlabel(f"mean prediction{unit}")
         ax.set_ylabel("mean label")
         ax.legend(fontsize=7)
-    fig.suptitle("Calibration by prediction decile")
+    fig.suptitle("Calibration by prediction decile (below the diagonal: over-predicts)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -35,13 +35,21 @@ from features.spec import FeatureSpec
 from features.stats import DenseStats
 from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
-from models.io import MODEL_FILE, WEIGHTS_FILE
+from models.io import MODEL_FILE, WEIGHTS_FILE, model_hash
 from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
 from pipeline.checkpoints import CheckpointIdentity, prepare_checkpoints
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, loggable_config
 from pipeline.ingest import IngestResult
 from pipeline.logs import redirect_process_output
-from pipeline.progress import SILENT, TRAIN_PROGRESS_FILE, ProgressFileFollower, StageProgress, append_progress
+from pipeline.progress import (
+    SILENT,
+    TRAIN_PROGRESS_FILE,
+    ProgressFileFollower,
+    StageProgress,
+    append_progress,
+    log_dir,
+)
+from pipeline.runtime import ensure_ray, verbose
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -58,6 +66,11 @@ class TrainResult:
     plan: dict[str, Any]
     resumed_from_step: int = 0
     world_size: int = 0
+    # What these weights are: their hash and the data they were trained on (see pipeline/lineage.py).
+    model_hash: str = ""
+    data_hash: str = ""
+    train_dates: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # RowAccounting: rows used, trained per epoch, dropped
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -96,6 +109,51 @@ class TrainingParts:
     loss_fn: MultiTaskLoss
     plan_summary: dict[str, Any]
     method: GradientMethod  # replaces loss.backward(): equal weights, uncertainty, PCGrad or DRGrad
+
+
+class NothingToTrainError(ValueError):
+    """The training window cannot fill one global batch: training would run 0 steps."""
+
+
+@dataclass(frozen=True)
+class RowAccounting:
+    """Where the rows of one epoch go. Ray Data's equal split gives each of ``world`` workers ``rows // world``
+    rows (the remainder is dropped), and each worker drops its last partial batch (``drop_last``: every rank must
+    run the same steps)."""
+
+    rows_used: int  # validated rows of the training window
+    global_batch: int
+    steps_per_epoch: int
+    rows_trained_per_epoch: int
+    dropped_by_equal_split: int
+    dropped_by_drop_last: int
+
+    @classmethod
+    def of(cls, rows_used: int, batch_size: int, world: int) -> RowAccounting:
+        per_worker = rows_used // world
+        steps = per_worker // batch_size
+        return cls(
+            rows_used=rows_used,
+            global_batch=batch_size * world,
+            steps_per_epoch=steps,
+            rows_trained_per_epoch=steps * batch_size * world,
+            dropped_by_equal_split=rows_used - per_worker * world,
+            dropped_by_drop_last=(per_worker - steps * batch_size) * world,
+        )
+
+
+def check_trainable(cfg: ExperimentConfig, ingested: IngestResult) -> RowAccounting:
+    """The row accounting of this window, or a clear error when not one step would run."""
+    rows = int(ingested.counts.get("train", {}).get("rows_used", 0))
+    accounting = RowAccounting.of(rows, cfg.train.batch_size, cfg.train.num_workers)
+    if accounting.steps_per_epoch == 0:
+        raise NothingToTrainError(
+            f"nothing to train: the training window {ingested.train_dates} has {rows:,} usable rows, fewer than one "
+            f"global batch per worker ({cfg.train.num_workers} worker(s) x train.batch_size {cfg.train.batch_size} ="
+            f" {accounting.global_batch:,} rows), so training would run 0 steps. Use more partitions "
+            "(data.train_days), a smaller train.batch_size or fewer train.num_workers"
+        )
+    return accounting
 
 
 def build_training(
@@ -405,11 +463,20 @@ def _warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
         print(f"[train] warm start from {model_dir}", flush=True)
 
 
-def expected_steps(cfg: ExperimentConfig, train_rows: int) -> int:
-    """Steps the run will take: Ray's equal split gives each worker ``rows // workers`` rows, drop-last batches."""
-    per_epoch = (train_rows // cfg.train.num_workers) // cfg.train.batch_size
-    steps = per_epoch * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+def worker_config(
+    cfg: ExperimentConfig, ingested: IngestResult, warm_start_dir: Path | None, output_bias: dict[str, float]
+) -> dict[str, Any]:
+    """What every training worker receives. The experiment config in its loggable form: the workers need no tracking
+    URI and no submission environment, and Ray may show or store what it hands to workers."""
+    return {
+        "experiment": loggable_config(cfg),
+        "spec": cfg.feature_spec().model_dump(mode="json"),
+        "stats": asdict(ingested.stats),
+        "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
+        "output_bias": output_bias,
+        "log_dir": str(log_dir(cfg.run_dir)),
+        "redirect_output": not verbose(),
+    }
 
 
 def train(
@@ -429,9 +496,7 @@ def train(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.progress import log_dir
-    from pipeline.runtime import ensure_ray, verbose
-
+    accounting = check_trainable(cfg, ingested)
     ensure_ray(cfg)
     spec = cfg.feature_spec()
     logs = log_dir(cfg.run_dir)
@@ -450,15 +515,7 @@ def train(
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "experiment": cfg.model_dump(mode="json"),
-            "spec": spec.model_dump(mode="json"),
-            "stats": asdict(ingested.stats),
-            "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
-            "output_bias": priors,
-            "log_dir": str(logs),
-            "redirect_output": not verbose(),
-        },
+        train_loop_config=worker_config(cfg, ingested, warm_start_dir, priors),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -473,7 +530,8 @@ def train(
         ),
         datasets={"train": dataset},
     )
-    progress.total(expected_steps(cfg, ingested.counts_of("train").rows_used), "steps")
+    steps = accounting.steps_per_epoch * cfg.train.epochs
+    progress.total(min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps, "steps")
 
     def on_record(record: dict[str, Any]) -> None:
         status = f"epoch {record['epoch']} · loss {record['loss']:.4f} · {record['samples_per_s']:,.0f} samples/s"
@@ -501,6 +559,12 @@ def train(
         plan=json.loads((model_dir / "plan.json").read_text()),
         resumed_from_step=int(metrics.get("resumed_from_step", 0)),
         world_size=int(metrics.get("world_size", cfg.train.num_workers)),
+        model_hash=model_hash(model_dir),
+        data_hash=ingested.data_hash,
+        train_dates=list(ingested.train_dates),
+        rows=asdict(accounting),
     )
+    if out.steps == 0:
+        raise NothingToTrainError(f"training ran 0 steps ({asdict(accounting)}): the model in {model_dir} is untrained")
     out.save(cfg.run_dir.resolve() / "train.json")
     return out

@@ -77,6 +77,7 @@ TINY = (
     "train.max_steps=4",
     "train.batch_size=256",
     "daily.train_days=1",
+    "promotion.bounds={ctr.calibration: {min: 0.2, max: 5.0}}",  # what a first champion must meet
     "mlflow.model_name=daily-test",
     "mlflow.experiment=daily-test",
 )
@@ -104,7 +105,7 @@ def test_daily_twice_for_a_day_registers_once_and_warm_starts(ray_local: None, t
     # The same day again, through the CLI: nothing new anywhere.
     overrides = [
         f"run_dir={tmp_path}",
-        f"data.path={tmp_path / 'logs'}",
+        f"data.path={tmp_path / 'data'}",
         f"data.oracle_path={tmp_path / 'oracle.parquet'}",
     ]
     args = ["daily", "--config", str(SMALL_CONFIG)]
@@ -254,7 +255,7 @@ def test_submit_runs_a_command_on_a_ray_head_and_streams_logs(ray_head: str, tmp
         entrypoint,
         address=ray_head,
         submission_id="mtrec-test-generate",
-        env={"MTREC_TEST": "1"},
+        env={"MTREC_TEST": "1", "MLFLOW_TRACKING_PASSWORD": "s3cret-value"},
         sink=streamed.append,
         status_sink=notes.append,
     )
@@ -263,6 +264,10 @@ def test_submit_runs_a_command_on_a_ray_head_and_streams_logs(ray_head: str, tmp
     assert "generated 1,000 rows" in logs, logs[-3000:]
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["dt=2026-01-01", "dt=2026-01-02"]
     assert any("submitted" in n and "MTREC_TEST" in n for n in notes)
+    # Environment values (credentials) travel in the runtime environment only: not in the entrypoint, not printed.
+    info = JobSubmissionClient(ray_head).get_job_info(result.job_id)
+    assert "s3cret-value" not in info.entrypoint and "s3cret-value" not in " ".join(notes)
+    assert "s3cret-value" not in result.entrypoint and "s3cret-value" not in logs
 
     # The same submission id again: the existing job is followed, nothing is started.
     again = submit(cfg, entrypoint, address=ray_head, submission_id="mtrec-test-generate", sink=streamed.append)

@@ -66,8 +66,18 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
     assert "oracle.ctr.auc" in run.data.metrics
     assert run.data.metrics["params.total"] == run.data.metrics["params.embeddings"] + run.data.metrics["params.dense"]
     assert run.data.params["train.batch_size"] == str(cfg.train.batch_size)
+    assert version.tags["data_hash"] == result.ingested.data_hash == result.trained.data_hash
+    assert version.tags["model_hash"] == result.trained.model_hash == result.evaluated.model_hash
     artifacts = {a.path for a in client.list_artifacts(reg.run_id, "data")}
-    assert "data/quarantine.parquet" in artifacts
+    assert "data/counts.json" in artifacts
+    assert "data/quarantine.parquet" not in artifacts, "raw quarantined rows are uploaded only as a small sample"
+    rows = result.trained.rows
+    assert rows["rows_used"] == result.ingested.counts["train"]["rows_used"]
+    assert (
+        rows["rows_trained_per_epoch"] + rows["dropped_by_equal_split"] + rows["dropped_by_drop_last"]
+        == (rows["rows_used"])
+    )
+    assert run.data.metrics["train.rows.rows_trained_per_epoch"] == rows["rows_trained_per_epoch"]
 
 
 def test_drgrad_diagnostics_in_mlflow(pipeline_run) -> None:  # type: ignore[no-untyped-def]

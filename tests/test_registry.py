@@ -27,11 +27,13 @@ from typing import Any
 import pytest
 
 from pipeline.config import ExperimentConfig
-from pipeline.promote import gate
+from pipeline.gate import gate
 from pipeline.registry import is_transient, redact
 from tests.conftest import DRGRAD_SET, small_config
 
 VENV_BIN = Path(sys.executable).parent
+# What a first champion must meet (the session's trained model beats chance on ctr and is roughly calibrated).
+FIRST_CHAMPION_BOUNDS = "promotion.bounds={ctr.auc: {min: 0.55}, ctr.calibration: {min: 0.5, max: 2.0}}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,6 +97,7 @@ class MlflowServer:
         self.root = root
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []  # e.g. ["--app-name", "basic-auth"]
 
     @property
     def uri(self) -> str:
@@ -117,6 +120,7 @@ class MlflowServer:
                 f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination",
                 str(self.root / "artifacts"),
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -183,6 +187,7 @@ def http_config(pipeline_run: Any, run_dir: Path, server: MlflowServer, name: st
         f"mlflow.experiment={name}",
         "registry.retries=1",
         "registry.backoff_s=0.5",
+        FIRST_CHAMPION_BOUNDS,
         *DRGRAD_SET,  # the gradients section the shared test run (pipeline_run) was trained with
         *more,
     )
@@ -222,14 +227,32 @@ def variant(pipeline_run: Any, run_dir: Path, cfg: ExperimentConfig, kind: str) 
     for k in logit:
         if kind == "negate_ctr":
             weights[k] = -weights[k]
-        elif kind == "nudge" and k.endswith("bias"):
-            weights[k] = weights[k] + 1e-6
+        elif kind.startswith("nudge") and k.endswith("bias"):  # nudge, nudge2, ...: same ranking, other hashes
+            weights[k] = weights[k] + 1e-6 * int(kind.removeprefix("nudge") or 1)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(model_dir / "weights.safetensors"))
-    trained = dataclasses.replace(trained, model_dir=str(model_dir))
+    from models.io import model_hash
+
+    trained = dataclasses.replace(trained, model_dir=str(model_dir), model_hash=model_hash(model_dir))
     trained.save(run_dir / "train.json")
     torch.set_num_threads(1)
     evaluated = evaluate(cfg, ingested, trained)
     return ingested, trained, evaluated
+
+
+def with_quarantined_rows(run_dir: Path, rows: int) -> None:
+    """Point the run's ingest result at a quarantine file of ``rows`` rejected rows (generated logs have none)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.ingest import IngestResult
+
+    ingested = IngestResult.load(run_dir / "ingest.json")
+    table = pq.read_table(ingested.eval_files[0]).slice(0, rows)
+    reasons = ["null user_id" if i % 3 else "negative dwell_seconds" for i in range(rows)]
+    table = table.append_column("reason", pa.array(reasons)).append_column("source_file", pa.array(["x"] * rows))
+    pq.write_table(table, run_dir / "quarantine.parquet")
+    dataclass_fields = {**ingested.__dict__, "quarantine_path": str(run_dir / "quarantine.parquet")}
+    IngestResult(**dataclass_fields).save(run_dir / "ingest.json")
 
 
 def client_for(cfg: ExperimentConfig) -> Any:
@@ -254,6 +277,7 @@ def champion_a(pipeline_run: Any, server: MlflowServer, tmp_path_factory: pytest
 
     run_dir = tmp_path_factory.mktemp("reg_a")
     stage_run_dir(pipeline_run, run_dir)
+    with_quarantined_rows(run_dir, 60)
     cfg = http_config(pipeline_run, run_dir, server, "reg-a")
     first = register(cfg, *stages(run_dir))
     second = register(cfg, *stages(run_dir))
@@ -288,6 +312,19 @@ def test_register_is_idempotent_with_card_plots_signature(champion_a: Any) -> No
     text = card.read_text()
     for needle in ("training window", "evaluation window", "rows quarantined", "| ctr | auc |", "## Configuration"):
         assert needle in text
+    # Raw rows: a sample of mlflow.quarantine_sample_rows (20) over both reasons; the full file stays in run_dir.
+    import polars as pl
+
+    data = {a.path for a in client.list_artifacts(first.run_id, "data")}
+    assert "data/quarantine.parquet" not in data and "data/quarantine_sample.parquet" in data
+    sample = pl.read_parquet(
+        mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="data/quarantine_sample.parquet")
+    )
+    assert sample.height == cfg.mlflow.quarantine_sample_rows == 20 and sample["reason"].n_unique() == 2
+    assert "A sample of 20" in text and "is not uploaded" in text
+    # Rows trained beside rows used, with what the equal split and drop-last left out.
+    assert "rows trained per epoch" in text and "by the equal split" in text and "last partial batch" in text
+    assert version.tags["data_hash"] and version.tags["model_hash"] == stages(cfg.run_dir)[2].model_hash
     assert cfg.tracking_uri() not in text, "the tracking URI (may carry credentials) stays out of the card"
 
     info = mlflow.models.get_model_info(f"models:/{cfg.mlflow.model_name}/1")
@@ -304,7 +341,8 @@ def test_first_model_becomes_champion(champion_a: Any) -> None:
     client = client_for(cfg)
     assert client.get_model_version_by_alias(cfg.mlflow.model_name, "champion").version == "1"
     tags = client.get_model_version(cfg.mlflow.model_name, "1").tags
-    assert tags["promotion.decision"] == "promoted" and "first model" in tags["promotion.reason"]
+    assert tags["promotion.decision"] == "promoted" and "first champion" in tags["promotion.reason"]
+    assert "ctr.auc" in tags["promotion.checks"] and "ctr.calibration" in tags["promotion.checks"]
 
 
 @pytest.mark.slow
@@ -369,16 +407,18 @@ def test_gate_rejects_a_regression_and_promotes_a_pass(pipeline_run: Any, server
 
 @pytest.mark.slow
 def test_server_down_fails_clearly_and_a_later_register_finishes(
-    pipeline_run: Any, server: MlflowServer, tmp_path: Path
+    pipeline_run: Any, server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.register import register
     from pipeline.registry import RegistryUnavailableError
 
     run_dir = tmp_path / "down"
     stage_run_dir(pipeline_run, run_dir)
-    secret_uri = f"http://alice:s3cret@127.0.0.1:{server.port}"
+    # Credentials travel in MLflow's variables (a URI carrying them is refused), and never show in messages.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
     fast = ("registry.retries=2", "registry.backoff_s=0.3", "registry.http_request_retries=0")
-    cfg = http_config(pipeline_run, run_dir, server, "reg-c", f"mlflow.tracking_uri={secret_uri}", *fast)
+    cfg = http_config(pipeline_run, run_dir, server, "reg-c", *fast)
     server.stop()
     try:
         started = time.monotonic()
