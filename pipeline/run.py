@@ -71,7 +71,8 @@ def run_pipeline(
     fresh: bool = False,
 ) -> PipelineResult:
     """All stages; training continues from this run folder's checkpoints of the same config and data (``fresh``:
-    start over, the old checkpoints moved aside)."""
+    start over, the old checkpoints moved aside). ``with_generate`` rewrites the logs first, so it trains fresh too:
+    checkpoints of logs that no longer exist are no place to continue from."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     generated = None
     if with_generate:
@@ -82,7 +83,7 @@ def run_pipeline(
         ingested = ingest(cfg, progress=p)
         p.done(describe_ingested(ingested))
     with reporter.stage("train") as p:
-        trained = train(cfg, ingested, fresh=fresh, progress=p)
+        trained = train(cfg, ingested, fresh=fresh or with_generate, progress=p)
         p.done(describe_trained(trained))
     with reporter.stage("evaluate") as p:
         evaluated = evaluate(cfg, ingested, trained)
