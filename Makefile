@@ -3,17 +3,22 @@ PY ?= .venv/bin/python
 CONFIG ?= configs/experiments/demo.yaml
 SRC := features models pipeline jobs tests benchmarks scripts
 
-.PHONY: setup setup-gpu demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-gpu setup-cpu gpu-check demo test test-fast lint typecheck bench clean
 
-.venv/.installed: scripts/install.sh requirements/*.txt pyproject.toml
-	bash scripts/install.sh
-	touch $@
+# install.sh writes the stamp (target and builds); a re-run keeps the venv's target (cpu unless setup-gpu made it gpu).
+.venv/.installed: scripts/install.sh scripts/venv_switch.py requirements/*.txt pyproject.toml
+	TARGET=$$(sed -n 's/^target=//p' $@ 2>/dev/null || true); TARGET=$${TARGET:-cpu} bash scripts/install.sh
 
 setup: .venv/.installed
 
-setup-gpu:  ## CUDA machines: CUDA fbgemm-gpu of the same release instead of fbgemm-gpu-cpu
+setup-gpu:  ## CUDA machines: switch .venv to torch's CUDA build and fbgemm-gpu (and back with `make setup-cpu`)
 	TARGET=gpu bash scripts/install.sh
-	touch .venv/.installed
+
+setup-cpu:  ## switch .venv back to torch's CPU build and fbgemm-gpu-cpu
+	TARGET=cpu bash scripts/install.sh
+
+gpu-check:  ## CUDA machines: fresh GPU venv, GPU tests, a Ray Train run on GPUs, the benchmark (scripts/gpu_check.sh)
+	bash scripts/gpu_check.sh
 
 demo: setup
 	$(PY) -m jobs.cli run --config $(CONFIG) --generate

@@ -1,6 +1,6 @@
 """Training step time and samples/s per architecture on the same batches (one run), plus the parameter report.
 
-    .venv/bin/python benchmarks/models.py --batch-size 512 --steps 30
+    .venv/bin/python benchmarks/models.py --batch-size 512 --steps 30 [--precision bf16]
 
 Generates the quality experiment's logs (seed 0), transforms ``--warmup + --steps`` batches of the last day once,
 then for every architecture (the ``model:`` sections of ``configs/experiments/*.yaml``, plus the combinations without
@@ -77,7 +77,10 @@ def make_batches(args: argparse.Namespace, spec: FeatureSpec, tmp: Path) -> list
     return [transform(last.slice(i * args.batch_size, args.batch_size)) for i in range(n)]
 
 
-def time_architecture(name: str, spec: FeatureSpec, batches: list[Batch], warmup: int) -> dict[str, float]:
+def time_architecture(
+    name: str, spec: FeatureSpec, batches: list[Batch], warmup: int, bf16: bool = False
+) -> dict[str, float]:
+    """``bf16``: the step under CPU bfloat16 autocast (``train.precision: bf16``)."""
     torch.manual_seed(0)
     cfg = model_config(name)
     model = build_model(spec, cfg, torch.device("cpu"))
@@ -87,7 +90,8 @@ def time_architecture(name: str, spec: FeatureSpec, batches: list[Batch], warmup
     wall, cpu = [], []
     for i, batch in enumerate(batches):
         w0, c0 = time.perf_counter(), time.process_time()
-        train_step(model, loss_fn, batch, optimizers)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            train_step(model, loss_fn, batch, optimizers)
         if i >= warmup:
             wall.append(time.perf_counter() - w0)
             cpu.append(time.process_time() - c0)
@@ -96,7 +100,8 @@ def time_architecture(name: str, spec: FeatureSpec, batches: list[Batch], warmup
     with torch.no_grad():
         for i, batch in enumerate(batches):
             c0 = time.process_time()
-            model(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(batch)
             if i >= warmup:
                 infer.append(time.process_time() - c0)
     batch_size = batches[0].batch_size
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=50_000, help="impressions per generated day")
     parser.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU bfloat16 autocast")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/models_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,11 +152,14 @@ def main() -> None:
     }
     timings = {}
     for name in args.archs:
-        timings[name] = time_architecture(name, spec, batches, args.warmup)
+        timings[name] = time_architecture(name, spec, batches, args.warmup, bf16=args.precision == "bf16")
         print(f"timed {name}: {json.dumps({k: round(v, 2) for k, v in timings[name].items()})}", flush=True)
 
     base = timings[args.archs[0]]["step_ms_cpu_median"]
-    print(f"\nbatch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, {args.threads} thread(s);")
+    print(
+        f"\nbatch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, {args.threads} thread(s), "
+        f"{args.precision};"
+    )
     print(f"sequence fill (mean length / max_length): {json.dumps({k: round(v, 2) for k, v in seq_fill.items()})}\n")
     print(
         "| architecture | dense params | step ms (CPU) | step ms (wall) | samples/s (CPU) | vs first | infer ms (CPU) |"

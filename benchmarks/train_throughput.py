@@ -28,7 +28,7 @@ from features.transform import BatchTransform
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.ingest import IngestResult, ingest
 from pipeline.run import generate
-from pipeline.train import _all_have_batch, _arrow_collate, build_training, train_step
+from pipeline.train import _arrow_collate, build_training, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,13 +52,17 @@ def _loop(config: dict[str, Any]) -> None:
         files = config["files"][rank::world]
         table = pa.concat_tables([pq.read_table(f) for f in files])
         batches = [transform(table.slice(i, bs)) for i in range(0, table.num_rows - bs + 1, bs)]
-        source = iter(batches)
+        # Files are dealt out unevenly: agree on the step count once, before the clock (the stream side needs no
+        # agreement: Ray Train's equal split gives every rank the same number of batches).
+        count = torch.tensor([len(batches)], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        source = iter(batches[: int(count.item())])
     else:
         shard = ray.train.get_dataset_shard("train")
         source = iter(
             shard.iter_torch_batches(
                 batch_size=bs,
-                collate_fn=_arrow_collate(spec, stats),
+                collate_fn=_arrow_collate(spec, stats, pin_memory=device.type == "cuda"),
                 drop_last=True,
                 prefetch_batches=2,
                 local_shuffle_buffer_size=max(cfg.train.local_shuffle_buffer, bs)
@@ -70,20 +74,23 @@ def _loop(config: dict[str, Any]) -> None:
     steps, timed_steps, started = 0, 0, 0.0
     while True:
         batch = next(source, None)
-        if not _all_have_batch(batch is not None, device):
+        if batch is None:
             break
-        assert batch is not None
-        train_step(parts, batch.to(device))
+        train_step(parts, batch.to(device, non_blocking=True))
         steps += 1
         if steps == config["warmup"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             started = time.perf_counter()
         elif steps > config["warmup"]:
             timed_steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     import resource
 
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
-    peaks = torch.tensor([peak_rss_gb])
+    peaks = torch.tensor([peak_rss_gb], device=device)
     torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
     metrics = {
         "steps": steps,
@@ -152,6 +159,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (train.use_gpu)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="train.precision")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +172,8 @@ def main() -> None:
                 f"generator.impressions_per_day={args.rows_per_day}",
                 f"train.batch_size={args.batch_size}",
                 f"train.num_workers={args.workers}",
+                f"train.use_gpu={str(args.use_gpu).lower()}",
+                f"train.precision={args.precision}",
             ],
         )
         files = ingested.train_files
@@ -174,7 +185,8 @@ def main() -> None:
 
     ratio = e2e["samples_per_s"] / model["samples_per_s"]
     print(
-        f"\n{args.workers} workers (gloo, CPU), batch {args.batch_size}, "
+        f"\n{args.workers} workers ({'nccl, GPU' if args.use_gpu else 'gloo, CPU'}, {args.precision}), "
+        f"batch {args.batch_size}, "
         f"{args.days * args.rows_per_day:,} training rows\n"
     )
     print("| path | steps | samples/s |\n|---|---:|---:|")

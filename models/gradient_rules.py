@@ -59,19 +59,23 @@ class Segments:
     ids: torch.Tensor
     n: int
     active: torch.Tensor
+    sizes: tuple[int, ...]
 
     @classmethod
     def of(
         cls, sizes: Sequence[int], active: Sequence[bool] | None = None, device: torch.device | None = None
     ) -> Segments:
-        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        counts = torch.tensor(sizes, device=device)
+        # output_size given: otherwise CUDA reads the total back to the host (a sync).
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts, output_size=sum(sizes))
         act = torch.tensor([1.0 if a else 0.0 for a in (active or [True] * len(sizes))], device=device)
-        return cls(ids=ids, n=len(sizes), active=act)
+        return cls(ids=ids, n=len(sizes), active=act, sizes=tuple(int(s) for s in sizes))
 
     def sums(self, products: torch.Tensor) -> torch.Tensor:
-        """[R, N] -> [R, n]: per-segment sums of each row, in one kernel."""
-        out = torch.zeros(products.shape[0], self.n, dtype=products.dtype, device=products.device)
-        return out.index_add_(1, self.ids, products)
+        """[R, N] -> [R, n]: per-segment sums of each row. Deterministic on every device (a plain reduction per
+        segment): a scatter-add (``index_add_``) accumulates with atomics on CUDA, so its rounding differs from run
+        to run and replicas routing the same gradients would drift apart."""
+        return torch.stack([part.sum(dim=1) for part in products.split(self.sizes, dim=1)], dim=1)
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """[..., n] -> [..., N]: each segment's value repeated over its elements."""

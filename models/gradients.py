@@ -61,9 +61,10 @@ every method runs its own logic *after* the ordinary backward on the reduced ``.
 itself (PCGrad's per-task gradients, uncertainty's ``s``), so every rank applies the same update.
 
 Efficiency. Router and updater work on one flat vector per tower (one ``torch.cat``), with per-tensor dot products and
-norms from one ``index_add_``, and write back with one ``torch._foreach_add_``: the number of kernel launches does not
-grow with the number of parameter tensors. Diagnostics (floats, hence a device sync) are computed only every
-``diagnostics_every`` calls; other calls return ``{}``.
+norms from one plain sum per parameter tensor, and write back with one ``torch._foreach_add_``. The sums are
+deterministic on CUDA too (no scatter-add with atomics), so every replica routes the same reduced gradients to the
+same bits and the towers and the updater's sigma stay identical across ranks. Diagnostics (floats, hence a device
+sync) are computed only every ``diagnostics_every`` calls; other calls return ``{}``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from models.memory import WorkerMemory, worker_memory
+
 _EMB_OPTIMIZERS = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
     "adam": EmbOptimType.ADAM,
@@ -49,6 +51,17 @@ def table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
     return int(num_rows * dim * 4 * (1.0 + _OPTIMIZER_STATE_FACTOR[optimizer]) + rowwise)
 
 
+def planner_topology(device: torch.device, world_size: int, local_world_size: int, memory: WorkerMemory) -> Topology:
+    """The planner's view of the workers: ``memory`` (real or configured capacities) instead of TorchRec's defaults."""
+    return Topology(
+        world_size=world_size,
+        compute_device=device.type,
+        local_world_size=local_world_size,
+        ddr_cap=memory.ddr,
+        **({"hbm_cap": memory.hbm} if memory.hbm is not None else {}),
+    )
+
+
 def shard_model(
     model: nn.Module,
     device: torch.device,
@@ -61,19 +74,15 @@ def shard_model(
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan collectively (every rank gets the same plan) and wrap in DMP, which materialises meta parameters.
 
-    ``table_sharding`` restricts tables to sharding types; ``memory_per_worker_gb`` caps a worker's memory for the
-    planner; ``table_sizes`` (table -> (rows, dim)) lets a failed plan name the table that does not fit. A table the
-    planner leaves out of the plan is an error, never a silent drop.
+    ``table_sharding`` restricts tables to sharding types; the planner's capacities are the worker's real memory
+    (:func:`models.memory.worker_memory`), or ``memory_per_worker_gb`` where set; ``table_sizes`` (table -> (rows,
+    dim)) lets a failed plan name the table that does not fit. A table the planner leaves out of the plan is an
+    error, never a silent drop.
     """
     world_size = dist.get_world_size()
     cap = int(memory_per_worker_gb * 1024**3) if memory_per_worker_gb else None
-    topology = Topology(
-        world_size=world_size,
-        compute_device=device.type,
-        local_world_size=local_world_size or world_size,
-        **({"hbm_cap": cap} if cap and device.type == "cuda" else {}),
-        **({"ddr_cap": cap} if cap and device.type != "cuda" else {}),
-    )
+    memory = worker_memory(device, local_world_size or world_size, cap)
+    topology = planner_topology(device, world_size, local_world_size or world_size, memory)
     constraints = {
         name: ParameterConstraints(sharding_types=list(types)) for name, types in (table_sharding or {}).items()
     }
@@ -82,7 +91,15 @@ def shard_model(
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     except PlannerError as err:
         raise ShardingPlanError(
-            _explain_plan_failure(table_sizes or {}, table_sharding or {}, cap, world_size, optimizer, err)
+            _explain_plan_failure(
+                table_sizes or {},
+                table_sharding or {},
+                memory.hbm or memory.ddr,
+                "train.sharding.memory_per_worker_gb" if cap else "this worker's memory",
+                world_size,
+                optimizer,
+                err,
+            )
         ) from err
     except RuntimeError as err:
         if "No available sharding type" not in str(err):
@@ -104,6 +121,7 @@ def _explain_plan_failure(
     sizes: dict[str, tuple[int, int]],
     pinned: dict[str, list[str]],
     cap: int | None,
+    cap_source: str,
     world_size: int,
     optimizer: str,
     err: Exception,
@@ -112,7 +130,7 @@ def _explain_plan_failure(
     need = {name: table_bytes(rows, dim, optimizer) for name, (rows, dim) in sizes.items()}
     lines = [f"the TorchRec planner could not place the embedding tables on {world_size} worker(s)"]
     if cap is not None:
-        lines[0] += f" with {cap / gib:.2f} GiB each (train.sharding.memory_per_worker_gb)"
+        lines[0] += f" with {cap / gib:.2f} GiB each ({cap_source})"
     unsplittable = {"table_wise", "data_parallel"}
     for name, nbytes in sorted(need.items(), key=lambda kv: -kv[1]):
         types = set(pinned.get(name, []))
@@ -141,6 +159,7 @@ def dense_optimizer(model: nn.Module, lr: float, extra: list[nn.Parameter] | Non
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict on rank 0; other ranks take part in the gathers and get an empty dict.
+    Gathers land on the collective's device and are then copied to the CPU.
 
     Sharded tables come out of DMP's state_dict as ShardedTensor (or DTensor); every rank must call this.
     """
@@ -152,9 +171,11 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         name = key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+            # The gather runs on the collective's device (NCCL rejects CPU buffers): allocate there, copy out after.
+            device = _collective_device(value)
+            full = torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
             value.gather(dst=0, out=full)
-            tensor = full
+            tensor = full.cpu() if full is not None else None
         elif isinstance(value, DTensor):
             tensor = value.full_tensor().cpu()
         else:
@@ -162,6 +183,12 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if rank == 0 and tensor is not None:
             out[name] = tensor.contiguous()
     return out
+
+
+def _collective_device(value: Any) -> torch.device:
+    """Where ``ShardedTensor.gather`` puts its data: torch's own choice (CUDA under NCCL, CPU under gloo), so that
+    rank 0's receive buffers live on the same device as every rank's send buffer."""
+    return torch.device(value._get_preferred_device())
 
 
 def describe_plan(plan: ShardingPlan) -> dict[str, dict[str, Any]]:

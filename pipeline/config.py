@@ -99,6 +99,10 @@ class TrainConfig(_Strict):
     embedding_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast the model's forward to bfloat16 (losses and optimizers stay fp32)"
+    )
+    tf32: bool = Field(default=True, description="TF32 matmuls and convolutions on CUDA; no effect on CPU")
     shuffle: Literal["none", "local", "global"] = Field(
         default="local",
         description="local: a shuffle buffer per worker (cheap; rows stay near their place in the files); global: "

@@ -50,6 +50,7 @@ from pipeline.progress import (
     log_dir,
 )
 from pipeline.runtime import ensure_ray, verbose
+from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_math
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -109,6 +110,7 @@ class TrainingParts:
     loss_fn: MultiTaskLoss
     plan_summary: dict[str, Any]
     method: GradientMethod  # replaces loss.backward(): equal weights, uncertainty, PCGrad or DRGrad
+    autocast: torch.dtype | None = None  # train.precision: the forward's autocast dtype, None for fp32
 
 
 class NothingToTrainError(ValueError):
@@ -166,6 +168,7 @@ def build_training(
     from models.sharding import dense_optimizer, describe_plan, embedding_sharders, shard_model
 
     torch.manual_seed(cfg.train.seed)
+    configure_device_math(device, cfg.train.tf32)
     model = build_model(spec, cfg.model, device=torch.device("meta"), drgrad=head_config(cfg.gradients))
     sharders = embedding_sharders(cfg.train.embedding_optimizer, cfg.train.embedding_lr)
     dmp, plan = shard_model(
@@ -183,13 +186,20 @@ def build_training(
     )
     dense = dense_optimizer(dmp, cfg.train.dense_lr, extra=method.extra_parameters())
     optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
-    return TrainingParts(dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan), method)
+    return TrainingParts(
+        dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan), method, autocast_dtype(cfg.train.precision)
+    )
 
 
 def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """One optimisation step; the fused kernels update the embeddings inside backward. Returns the weighted total,
-    the per-task losses and the gradient method's diagnostics (empty on most steps)."""
-    outputs = parts.model(batch)
+    the per-task losses and the gradient method's diagnostics (empty on most steps). With ``parts.autocast`` the
+    forward's dense layers run in that dtype (the embedding lookups stay fp32) and the losses are taken in fp32."""
+    if parts.autocast is None:
+        outputs = parts.model(batch)
+    else:
+        with torch.autocast(batch.dense.device.type, dtype=parts.autocast):
+            outputs = {k: v.float() for k, v in parts.model(batch).items()}
     losses = parts.loss_fn.task_losses(outputs, batch.labels)
     parts.optimizer.zero_grad()
     diagnostics = parts.method.backward(losses)
@@ -231,26 +241,23 @@ def load_checkpoint(parts: TrainingParts, folder: Path) -> TrainState:
     return TrainState(**json.loads((folder / STATE_FILE).read_text()))
 
 
-def _arrow_collate(spec: FeatureSpec, stats: DenseStats) -> Any:
+def _arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False) -> Any:
+    """The collate for ``iter_torch_batches``. With ``pin_memory`` (CUDA workers) the batch is also copied into
+    page-locked memory there, so the training thread's ``Batch.to(device, non_blocking=True)`` is an asynchronous DMA:
+    Ray pins and moves only plain tensor batches, not a custom ``Batch``."""
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     class _Collate(ArrowBatchCollateFn):
-        """Runs in Ray Data's prefetch threads, so the Arrow -> KJT work overlaps the training step."""
+        """Runs in Ray Data's prefetch threads, so the Arrow -> KJT work (and the pinning) overlaps the step."""
 
         def __init__(self) -> None:
             self.transform = BatchTransform(spec, stats)
 
         def __call__(self, batch: pa.Table) -> Batch:  # type: ignore[override]
-            return self.transform(batch)
+            out = self.transform(batch)
+            return out.pin_memory() if pin_memory else out
 
     return _Collate()
-
-
-def _all_have_batch(have: bool, device: torch.device) -> bool:
-    """Every rank must run the same number of steps (the sharded lookups are collectives): stop when any rank is out."""
-    flag = torch.tensor([1 if have else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any]) -> None:
@@ -312,10 +319,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         print(f"[train] sharding plan: {json.dumps(parts.plan_summary)}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
-    collate = _arrow_collate(spec, stats)
+    collate = _arrow_collate(spec, stats, pin_memory=device.type == "cuda")
     shuffle = cfg.train.local_shuffle_buffer if cfg.train.shuffle in ("local", "global") else None
     per_step = cfg.train.batch_size * world
-    window: dict[str, float] = {}
+    window = LossWindow()
     window_steps = 0
     started = last_log = time.perf_counter()
     loop_samples = 0
@@ -342,11 +349,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
         for _ in range(state.epoch_samples // per_step):
             next(batches, None)
         while not done():
+            # No per-step agreement that every rank has a batch: Ray Train splits the dataset with
+            # streaming_split(equal=True) and batches drop the last partial one, so all ranks run out together.
             batch = next(batches, None)
-            if not _all_have_batch(batch is not None, device):
+            if batch is None:
                 break
-            assert batch is not None
-            total, losses, diagnostics = train_step(parts, batch.to(device))
+            total, losses, diagnostics = train_step(parts, batch.to(device, non_blocking=True))
             if diagnostics:
                 state.diagnostics.append({"step": state.step + 1, **diagnostics})
             state.step += 1
@@ -354,16 +362,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
             state.epoch_samples += per_step
             loop_samples += per_step
             window_steps += 1
-            for k, v in {"total": total, **losses}.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
+            window.add(total, losses)  # summed on the device; read only at log_every
             if state.step % cfg.train.log_every == 0:
-                keys = sorted(window)
-                mean = torch.tensor([window[k] / window_steps for k in keys], device=device)
-                dist.all_reduce(mean)
-                point = {k: float(v) / world for k, v in zip(keys, mean.tolist(), strict=True)}
+                point = window.mean_over_ranks(world)
                 now = time.perf_counter()
                 rate = window_steps * per_step / (now - last_log)
-                last_log, window, window_steps = now, {}, 0
+                last_log, window_steps = now, 0
                 state.curve.append({"step": state.step, "epoch": state.epoch, **point})
                 if rank == 0:
                     text = " ".join(f"{k}={v:.4f}" for k, v in point.items())
