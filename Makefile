@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 CONFIG ?= configs/experiments/demo.yaml
 SRC := features models pipeline jobs tests benchmarks scripts
 
-.PHONY: setup setup-gpu demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-gpu browser demo test test-fast lint typecheck bench clean
 
 .venv/.installed: scripts/install.sh requirements/*.txt pyproject.toml
 	bash scripts/install.sh
@@ -15,10 +15,13 @@ setup-gpu:  ## CUDA machines: CUDA fbgemm-gpu of the same release instead of fbg
 	TARGET=gpu bash scripts/install.sh
 	touch .venv/.installed
 
+browser:  ## headless Chromium for the browser tests: Debian's chromium package (root or sudo), once
+	command -v chromium >/dev/null 2>&1 || bash scripts/install_browser.sh
+
 demo: setup
 	$(PY) -m jobs.cli run --config $(CONFIG) --generate
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

@@ -694,7 +694,7 @@ def test_bumping_the_ray_pin_flags_every_manifest(tmp_path):
 
 def test_bumping_the_mlflow_pin_flags_the_server_image(tmp_path):
     root = _copy_repo(tmp_path)
-    _edit(root / "requirements/base.txt", "mlflow==3.17.2", "mlflow==3.18.0")
+    _edit(root / "requirements/base.txt", "mlflow[auth]==3.17.2", "mlflow[auth]==3.18.0")
     flagged = {p.split(":")[0] for p in version_problems(root)}
     assert {"docker/Dockerfile.mlflow", "infra/mlflow/deployment.yaml", "infra/mlflow/docker-compose.yaml"} <= flagged
 

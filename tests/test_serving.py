@@ -166,3 +166,20 @@ print(json.dumps(loaded))
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert loaded == sorted(SERVING_MODULES), "SERVING_MODULES must list what the serving path imports"
+
+
+def test_requirements_name_only_what_serving_imports() -> None:
+    from pipeline.register import serving_requirements
+
+    pins = serving_requirements()
+    assert {line.split("==")[0] for line in pins} == {
+        "torch",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "safetensors",
+        "pydantic",
+        "pyyaml",
+        "mlflow",
+    }
+    assert all("+" not in line for line in pins), "local build tags (+cpu) cannot be installed from an index"
