@@ -21,7 +21,7 @@ import pytest
 
 from tests.test_registry import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fresh virtualenv installs torch and mlflow
 
 PYTHON = "python3.11"
 
