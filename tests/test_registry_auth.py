@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_registry import MlflowServer, client_for, http_config, stage_run_dir, stages
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test to use it trains the small pipeline
 
 ADMIN = "admin"
 

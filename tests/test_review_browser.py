@@ -16,7 +16,7 @@ import pytest
 
 from tests.test_registry import MlflowServer, client_for, http_config, stage_run_dir, stages, variant
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test to use it trains the small pipeline
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
