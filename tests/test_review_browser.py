@@ -69,13 +69,16 @@ def test_model_version_page_shows_metrics_gate_alias_and_plots(
     name, number = registered.model_name, registered.version
     assert client_for(cfg).get_model_version_by_alias(name, "challenger").version == number
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
+        # A new profile folder per test (Playwright passes it as --user-data-dir).
+        browser = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
             executable_path=CHROMIUM,
             headless=True,
-            args=[*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"],
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 2000},
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2000})
+            page = browser.new_page()
             page.goto(f"{browser_server.uri}/#/models/{name}/versions/{number}")
             # The description is rendered Markdown: the metrics table becomes a <table>, the gate result a paragraph.
             page.get_by_text("Promotion gate preview").first.wait_for(timeout=90_000)
