@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 CONFIG ?= configs/experiments/demo.yaml
 SRC := features models pipeline jobs tests benchmarks scripts
 
-.PHONY: setup setup-gpu setup-cpu gpu-check demo test test-fast lint typecheck bench clean
+.PHONY: setup setup-gpu setup-cpu gpu-check browser demo test test-fast lint typecheck bench clean
 
 # install.sh writes the stamp (target and builds); a re-run keeps the venv's target (cpu unless setup-gpu made it gpu).
 .venv/.installed: scripts/install.sh scripts/venv_switch.py requirements/*.txt pyproject.toml
@@ -20,10 +20,13 @@ setup-cpu:  ## switch .venv back to torch's CPU build and fbgemm-gpu-cpu
 gpu-check:  ## CUDA machines: fresh GPU venv, GPU tests, a Ray Train run on GPUs, the benchmark (scripts/gpu_check.sh)
 	bash scripts/gpu_check.sh
 
+browser:  ## headless Chromium for the browser tests: Debian's chromium package (root or sudo), once
+	command -v chromium >/dev/null 2>&1 || bash scripts/install_browser.sh
+
 demo: setup
 	$(PY) -m jobs.cli run --config $(CONFIG) --generate
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

@@ -36,8 +36,8 @@ from torch import nn
 
 from features.spec import FeatureSpec
 from models.config import DTRNConfig
-from models.embeddings import SparseOutput
 from models.mlp import MLP
+from models.sparse_output import SparseOutput
 
 
 def conditional_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

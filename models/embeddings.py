@@ -7,8 +7,6 @@ sequence models can attend over them); the rest go into an ``EmbeddingBagCollect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
@@ -16,18 +14,9 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.spec import FeatureSpec, SequenceFeature, SparseFeature
+from models.sparse_output import SparseOutput
 
-
-@dataclass
-class SparseOutput:
-    """Looked-up embeddings.
-
-    fields: single-valued feature name -> [B, D]
-    sequences: sequence feature name -> ([B, L, D] padded, [B, L] bool mask, True at real positions)
-    """
-
-    fields: dict[str, torch.Tensor]
-    sequences: dict[str, tuple[torch.Tensor, torch.Tensor]]
+__all__ = ["SparseArch", "SparseOutput"]
 
 
 class SparseArch(nn.Module):

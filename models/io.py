@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +12,10 @@ from safetensors.torch import load_file
 from features.spec import FeatureSpec
 from features.stats import DenseStats
 from models.config import ModelConfig
-from models.gradients import GradientConfig, head_config
 from models.multitask import MultiTaskModel, build_model
+from models.serving import MODEL_FILE, WEIGHTS_FILE, read_model_folder
 
-WEIGHTS_FILE = "weights.safetensors"
-MODEL_FILE = "model.json"
+__all__ = ["MODEL_FILE", "WEIGHTS_FILE", "LoadedModel", "load_model"]
 
 
 @dataclass
@@ -32,17 +30,12 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
     """Rebuild the model on ``device`` (CPU by default) and load its weights. safetensors holds tensors only, so
     loading a model folder never runs code from it."""
     model_dir = Path(model_dir)
-    description = json.loads((model_dir / MODEL_FILE).read_text())
-    spec = FeatureSpec.model_validate(description["spec"])
-    model_cfg = ModelConfig.model_validate(description["model"])
-    stats = DenseStats(**description["stats"])
-    # Older folders have no "gradients": they were trained with ordinary towers.
-    gradients = GradientConfig.model_validate(description.get("gradients") or {})
-    model = build_model(spec, model_cfg, device=device or torch.device("cpu"), drgrad=head_config(gradients))
+    folder = read_model_folder(model_dir)
+    model = build_model(folder.spec, folder.model_config, device=device or torch.device("cpu"), drgrad=folder.drgrad)
     state = load_file(str(model_dir / WEIGHTS_FILE), device=str(device or "cpu"))
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedModel(model=model, spec=spec, stats=stats, model_config=model_cfg)
+    return LoadedModel(model=model, spec=folder.spec, stats=folder.stats, model_config=folder.model_config)
 
 
 def model_hash(model_dir: str | Path) -> str:

@@ -21,14 +21,14 @@ from features.spec import FeatureSpec, TaskKind
 from models.config import ModelConfig
 from models.drgrad import DRGradConfig, SplitTowerHead
 from models.dtrn import DTRNBottom
-from models.embeddings import SparseArch, SparseOutput
-from models.gradients import build_split_head
-from models.mlp import MLP, masked_mean
-from models.tops import SharedBottom, build_top
+from models.embeddings import SparseArch
+from models.net import MultiTaskNet, PlainBottom, joint_name, predictions
+from models.tops import SharedBottom
 
 __all__ = [
     "MultiTaskLoss",
     "MultiTaskModel",
+    "PlainBottom",
     "SharedBottom",
     "build_model",
     "format_parameter_report",
@@ -40,38 +40,12 @@ __all__ = [
 ]
 
 
-def joint_name(parent: str, child: str) -> str:
-    """Name of an ESMM product prediction (pCTCVR for ctr and cvr)."""
-    return f"{parent}_{child}"
+class MultiTaskModel(MultiTaskNet):
+    """Spec-driven multi-task model for training and evaluation: TorchRec's ``SparseArch`` under the
+    :class:`~models.net.MultiTaskNet` (bottom -> top -> towers or DRGrad's head). ``forward(batch)`` returns one logit
+    (or regression value) [B] per task."""
 
-
-class PlainBottom(nn.Module):
-    """Every task reads the same vector: [field embeddings, mean-pooled sequences, dense features] (one tensor object,
-    repeated, so that tops run their shared layers once)."""
-
-    def __init__(self, spec: FeatureSpec, field_dims: dict[str, int], sequence_dim: int) -> None:
-        super().__init__()
-        self.fields = [f.name for f in spec.sparse]
-        self.sequences = [f.name for f in spec.sequences]
-        self.num_tasks = len(spec.tasks)
-        self.out_dim = sum(field_dims.values()) + len(self.sequences) * sequence_dim + len(spec.dense)
-
-    def forward(self, out: SparseOutput, dense: torch.Tensor) -> list[torch.Tensor]:
-        parts = [out.fields[f] for f in self.fields]
-        parts += [masked_mean(*out.sequences[s]) for s in self.sequences]
-        parts.append(dense)
-        return [torch.cat(parts, dim=1)] * self.num_tasks
-
-
-class MultiTaskModel(nn.Module):
-    """Spec-driven multi-task model: SparseArch -> bottom (plain | dtrn) -> top -> per-task towers.
-    ``forward(batch)`` returns one logit (or regression value) [B] per task.
-
-    With ``drgrad`` (the ``gradients.drgrad`` section, when ``gradients.method: drgrad``) the per-task towers are
-    replaced by DRGrad's :class:`~models.drgrad.SplitTowerHead`: the primary task's T1' reads its own gate's
-    representation, T1'' and the auxiliary towers read the shared one (``forward_task_inputs``), optionally through
-    the PPNet-style personalized gate over the embeddings of ``drgrad.personalized_gate``.
-    """
+    sparse: SparseArch
 
     def __init__(
         self,
@@ -80,85 +54,10 @@ class MultiTaskModel(nn.Module):
         device: torch.device | None = None,
         drgrad: DRGradConfig | None = None,
     ) -> None:
-        super().__init__()
-        self.spec = spec
-        self.cfg = cfg
-        self.drgrad = drgrad
-        self.task_names = [t.name for t in spec.tasks]
-        self.sparse = SparseArch(spec, device)
-        self.bottom: PlainBottom | DTRNBottom
-        if cfg.bottom == "dtrn":
-            self.bottom = DTRNBottom(
-                spec, self.sparse.field_dims, self.sparse.sequence_dim, cfg.dtrn, cfg.dropout, device
-            )
-        else:
-            self.bottom = PlainBottom(spec, self.sparse.field_dims, self.sparse.sequence_dim)
-        self.input_dim = self.bottom.out_dim
-        self.top = build_top(cfg, self.input_dim, len(self.task_names), device)
-        #: Ordinary per-task towers; empty when the DRGrad head replaces them.
-        self.towers = nn.ModuleDict()
-        self.head: SplitTowerHead | None = None
-        if drgrad is None:
-            for name in self.task_names:
-                self.towers[name] = nn.Sequential(
-                    MLP(self.top.out_dim, cfg.tower_mlp, cfg.dropout, device),
-                    nn.Linear(cfg.tower_mlp[-1] if cfg.tower_mlp else self.top.out_dim, 1, device=device),
-                )
-        else:
-            self.head = build_split_head(
-                drgrad,
-                self.top.out_dim,
-                cfg.tower_mlp,
-                self.task_names,
-                cfg.dropout,
-                device,
-                pp_dim=self._personalized_dim(drgrad),
-            )
-
-    def _personalized_dim(self, drgrad: DRGradConfig) -> int:
-        """Width of v_pp, the concatenated embeddings of ``drgrad.personalized_gate``; checks the names and that
-        per-sample routing has a shared representation to route."""
-        if drgrad.primary_task is not None and drgrad.primary_task not in self.task_names:
-            raise ValueError(
-                f"gradients.drgrad.primary_task: '{drgrad.primary_task}' is not a task of the feature spec "
-                f"{self.task_names}"
-            )
-        if drgrad.per_sample and len(self.task_names) > 2 and drgrad.aux_input != "shared":
-            raise ValueError(
-                "gradients.drgrad.per_sample with several auxiliary tasks needs gradients.drgrad.aux_input: shared "
-                "(per-sample routing combines the gradients of the towers that read v_s)"
-            )
-        dims = self.sparse.field_dims
-        unknown = [f for f in drgrad.personalized_gate if f not in dims]
-        if unknown:
-            raise ValueError(
-                f"gradients.drgrad.personalized_gate: {unknown} are not sparse features of the spec "
-                f"(known: {sorted(dims)})"
-            )
-        return sum(dims[f] for f in drgrad.personalized_gate)
+        super().__init__(spec, cfg, SparseArch(spec, device), device, drgrad)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        sparse = self.sparse(batch.sparse)
-        hidden = self.top(self.bottom(sparse, batch.dense))
-        if self.head is None:
-            return {name: self.towers[name](h).squeeze(-1) for name, h in zip(self.task_names, hidden, strict=True)}
-        assert self.drgrad is not None
-        fields = self.drgrad.personalized_gate
-        v_pp = torch.cat([sparse.fields[f] for f in fields], dim=1) if fields else None
-        return self.head.forward_task_inputs(hidden, v_pp=v_pp, aux_input=self.drgrad.aux_input)
-
-
-def predictions(spec: FeatureSpec, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Scores per task: probabilities for binary tasks (ESMM children conditional on the parent, plus the product
-    under ``joint_name``), values in label space for regression."""
-    preds: dict[str, torch.Tensor] = {}
-    for task in spec.tasks:
-        out = outputs[task.name]
-        preds[task.name] = torch.sigmoid(out) if task.kind == TaskKind.binary else out
-    for task in spec.tasks:
-        if task.esmm_parent:
-            preds[joint_name(task.esmm_parent, task.name)] = preds[task.esmm_parent] * preds[task.name]
-    return preds
+        return self.forward_features(self.sparse(batch.sparse), batch.dense)
 
 
 class MultiTaskLoss(nn.Module):

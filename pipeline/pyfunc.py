@@ -2,6 +2,11 @@
 
 Input: a pandas DataFrame with the spec's feature columns (ids raw, not hashed; sequences as lists; dense raw).
 Output: one column per prediction (each task, plus the ESMM product), one row per input row.
+
+The serving path imports torch, numpy, pandas, pyarrow, safetensors, pydantic, pyyaml and mlflow only: the model is
+the ``torch.nn`` export of the trained TorchRec model (``models/serving.py``) and the transform the numpy/pyarrow
+encoder (``features/encode.py``). ``SERVING_MODULES`` are the project's modules it imports, the code a registered
+version ships (``tests/test_serving.py`` checks the list against what loading and scoring really import).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
-import torch
 from mlflow.pyfunc import PythonModel
 
 from features.spec import FeatureSpec, IdType
@@ -19,6 +23,27 @@ if TYPE_CHECKING:
     from mlflow.models.signature import ModelSignature
 
 MODEL_DIR_ARTIFACT = "model_dir"
+#: The project's modules the served model imports (paths relative to the repository root).
+SERVING_MODULES = (
+    "features/__init__.py",
+    "features/encode.py",
+    "features/spec.py",
+    "features/stats.py",
+    "models/__init__.py",
+    "models/config.py",
+    "models/drgrad.py",
+    "models/dtrn.py",
+    "models/gradient_methods.py",
+    "models/gradient_rules.py",
+    "models/gradients.py",
+    "models/mlp.py",
+    "models/net.py",
+    "models/serving.py",
+    "models/sparse_output.py",
+    "models/tops.py",
+    "pipeline/__init__.py",
+    "pipeline/pyfunc.py",
+)
 
 
 def feature_columns(spec: FeatureSpec) -> list[str]:
@@ -44,7 +69,7 @@ def model_signature(spec: FeatureSpec) -> ModelSignature:
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
     from mlflow.types.schema import Array
 
-    from models.multitask import joint_name
+    from models.net import joint_name
 
     inputs: list[ColSpec | TensorSpec] = []
     for name, typ in zip(_arrow_schema(spec).names, _arrow_schema(spec).types, strict=True):
@@ -63,21 +88,15 @@ def model_signature(spec: FeatureSpec) -> ModelSignature:
 
 
 class MultiTaskPyfunc(PythonModel):
-    """Loads the unsharded model folder logged as the ``model_dir`` artifact."""
+    """Loads the model folder logged as the ``model_dir`` artifact into the ``torch.nn`` serving model."""
 
     def load_context(self, context: Any) -> None:
-        from features.transform import BatchTransform
-        from models.io import load_model
+        from models.serving import load_serving_model
 
-        loaded = load_model(context.artifacts[MODEL_DIR_ARTIFACT])
-        self.model = loaded.model
-        self.spec = loaded.spec
-        self.transform = BatchTransform(loaded.spec, loaded.stats)
-        self.schema = _arrow_schema(loaded.spec)
+        self.served = load_serving_model(context.artifacts[MODEL_DIR_ARTIFACT])
+        self.schema = _arrow_schema(self.served.folder.spec)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from models.multitask import predictions
-
         missing = [c for c in self.schema.names if c not in model_input.columns]
         if missing:
             raise ValueError(f"input lacks feature columns {missing}")
@@ -86,6 +105,4 @@ class MultiTaskPyfunc(PythonModel):
             if pa.types.is_list(self.schema.field(col).type):
                 frame = frame.assign(**{col: [list(v) if v is not None else None for v in frame[col]]})
         table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
-        with torch.no_grad():
-            preds = predictions(self.spec, self.model(self.transform(table, with_labels=False)))
-        return pd.DataFrame({k: v.numpy().astype("float64") for k, v in preds.items()})
+        return pd.DataFrame(self.served.score(table))

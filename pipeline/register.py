@@ -37,7 +37,7 @@ from pipeline.gate import gate
 from pipeline.ingest import IngestResult
 from pipeline.lineage import check_stage_results
 from pipeline.promote import compare_with_champion
-from pipeline.pyfunc import MODEL_DIR_ARTIFACT, feature_columns, model_signature
+from pipeline.pyfunc import MODEL_DIR_ARTIFACT, SERVING_MODULES, feature_columns, model_signature
 from pipeline.registry import (
     CHALLENGER,
     MODEL_HASH_TAG,
@@ -68,22 +68,18 @@ SERVING_FILES = (
     "summary.json",
     GRADIENT_DIAGNOSTICS_FILE,
 )
-# The packages a served model imports, shipped with it as code (MLflow's code_paths); the CLI (jobs) stays out.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVING_PACKAGES = ("features", "models", "pipeline")
-# What the served model imports from PyPI, pinned to the versions that trained it. Our own code travels as
-# code_paths, so the requirements name no distribution of this project (nothing an index could not satisfy).
+# What the served model imports from PyPI, pinned to the versions that trained it. The served model is the torch.nn
+# export (no TorchRec, no FBGEMM) and our own code travels as code_paths (only SERVING_MODULES), so the requirements
+# name no distribution of this project and nothing that needs CUDA: plain pip installs them on a CPU machine.
 SERVING_DISTRIBUTIONS = (
     "torch",
-    "torchrec",
-    "fbgemm-gpu-cpu",
     "numpy",
     "pandas",
     "pyarrow",
-    "polars",
+    "safetensors",
     "pydantic",
     "pyyaml",
-    "safetensors",
     "mlflow",
 )
 QUARANTINE_SAMPLE = "quarantine_sample.parquet"  # run artifact data/<this>; the full file stays in run_dir
@@ -127,6 +123,19 @@ def serving_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return pins
+
+
+def serving_code(out: Path) -> list[str]:
+    """The project's packages as the served model needs them: ``SERVING_MODULES`` copied under ``out`` (one folder
+    per package, for MLflow's ``code_paths``); the training code (TorchRec, Ray) stays out."""
+    packages: list[str] = []
+    for module in SERVING_MODULES:
+        target = out / module
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / module, target)
+        if str(target.parent) not in packages:
+            packages.append(str(target.parent))
+    return packages
 
 
 def code_revision() -> str:
@@ -479,14 +488,15 @@ def _log_run(
             mlflow.log_text(summary_card(inputs), "card/summary.md")
 
         example = pq.read_table(ingested.eval_files[0], columns=feature_columns(spec)).slice(0, 5).to_pandas()
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).resolve().parent / "pyfunc_entry.py"),  # models from code: no pickle
-            artifacts={MODEL_DIR_ARTIFACT: str(_serving_dir(cfg, Path(trained.model_dir)))},
-            code_paths=[str(REPO_ROOT / package) for package in SERVING_PACKAGES],
-            pip_requirements=serving_requirements(),
-            signature=model_signature(spec),
-            input_example=example,
-        )
+        with tempfile.TemporaryDirectory() as code:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).resolve().parent / "pyfunc_entry.py"),  # models from code: no pickle
+                artifacts={MODEL_DIR_ARTIFACT: str(_serving_dir(cfg, Path(trained.model_dir)))},
+                code_paths=serving_code(Path(code)),
+                pip_requirements=serving_requirements(),
+                signature=model_signature(spec),
+                input_example=example,
+            )
         mlflow.set_tag(LOGGED_MODEL_TAG, info.model_uri)
     return run.info.run_id, info.model_uri

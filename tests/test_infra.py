@@ -40,7 +40,8 @@ EXPECTED_KINDS = {
     "infra/mlflow/secret.example.yaml": ["Secret"],
     "infra/mlflow/postgres.yaml": ["Service", "StatefulSet"],
     "infra/mlflow/minio.yaml": ["Service", "StatefulSet", "Job"],
-    "infra/mlflow/deployment.yaml": ["Deployment", "Service"],
+    "infra/mlflow/deployment.yaml": ["Deployment", "PersistentVolumeClaim", "Service"],
+    "infra/networkpolicy.yaml": ["NetworkPolicy"] * 10,
     "infra/cron/cronjob.yaml": ["CronJob"],
 }
 
@@ -581,7 +582,7 @@ def test_ray_up_cluster_yaml_matches_rays_schema():
 
 def test_mlflow_server_manifests():
     pins = repo_pins(ROOT)
-    deploy, service = yaml_docs(ROOT / "infra/mlflow/deployment.yaml")
+    deploy, _, service = yaml_docs(ROOT / "infra/mlflow/deployment.yaml")
     pod = deploy["spec"]["template"]["spec"]
     server = pod["containers"][0]
     assert server["image"].endswith(f"mtrec-mlflow:{pins['mlflow']}")
@@ -590,7 +591,9 @@ def test_mlflow_server_manifests():
     env = {e["name"]: e for e in server["env"]}
     assert "secretKeyRef" in env["POSTGRES_PASSWORD"]["valueFrom"]
     assert "$(POSTGRES_PASSWORD)" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert pod["initContainers"][0]["command"][:3] == ["mlflow", "db", "upgrade"]
+    # Migrations read the store URI from the environment (the password stays out of the arguments).
+    assert pod["initContainers"][0]["command"] == ["mlflow-db-upgrade"]
+    assert "MLFLOW_BACKEND_STORE_URI" in {e["name"] for e in pod["initContainers"][0]["env"]}
     assert service["spec"]["ports"][0]["port"] == 5000
     config = yaml_docs(ROOT / "infra/mlflow/configmap.yaml")[0]["data"]
     assert config["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
@@ -691,7 +694,7 @@ def test_bumping_the_ray_pin_flags_every_manifest(tmp_path):
 
 def test_bumping_the_mlflow_pin_flags_the_server_image(tmp_path):
     root = _copy_repo(tmp_path)
-    _edit(root / "requirements/base.txt", "mlflow==3.17.2", "mlflow==3.18.0")
+    _edit(root / "requirements/base.txt", "mlflow[auth]==3.17.2", "mlflow[auth]==3.18.0")
     flagged = {p.split(":")[0] for p in version_problems(root)}
     assert {"docker/Dockerfile.mlflow", "infra/mlflow/deployment.yaml", "infra/mlflow/docker-compose.yaml"} <= flagged
 
@@ -751,3 +754,136 @@ def test_command_extraction_handles_shell_and_kubernetes_syntax():
     assert (call.command, call.config) == ("daily", "c.yaml")
     assert call.overrides == ["mlflow.tracking_uri=http://mlflow.test:5000", "a.b=1"]
     assert mtrec_calls_in_command("/srv/mtrec/.venv/bin/mtrec run --config x.yaml", "w")[0].command == "run"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locked down: MLflow authentication, no password in process arguments, network policies, Ray's Jobs API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mlflow_image_runs_the_basic_auth_app_without_a_baked_password():
+    path = ROOT / "docker/Dockerfile.mlflow"
+    instrs = parse_dockerfile(path.read_text())
+    entry = next(i.value for i in reversed(instrs) if i.cmd == "ENTRYPOINT")
+    assert '"--app-name", "basic-auth"' in entry, "the server must run MLflow's basic-auth app"
+    env = " ".join(i.value for i in instrs if i.cmd == "ENV")
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in env
+    runs = " ".join(i.value for i in instrs if i.cmd == "RUN")
+    assert "'[mlflow]'" in runs and "admin_password" not in runs, "the admin password comes from a Secret at run time"
+    assert "/usr/local/bin/mlflow-db-upgrade" in runs and 'os.environ["MLFLOW_BACKEND_STORE_URI"]' in runs
+
+
+def _containers(doc: Any) -> list[tuple[str, dict]]:
+    """(where, container) for every container and init container anywhere in a manifest."""
+    found = []
+    for path, key, value in walk(doc):
+        if key in {"containers", "initContainers"} and isinstance(value, list):
+            found += [(f"{'/'.join(map(str, path))}/{c.get('name')}", c) for c in value if isinstance(c, dict)]
+    return found
+
+
+def password_in_arguments_problems(root: Path) -> list[str]:
+    """Container commands/args (and compose entrypoints/commands) that carry a database URI or password."""
+    problems = []
+    secretish = re.compile(r"postgresql://|BACKEND_STORE_URI|PASSWORD", re.IGNORECASE)
+    for path in sorted((root / "infra").rglob("*.yaml")):
+        rel = str(path.relative_to(root))
+        for doc in yaml_docs(path):
+            items: list[tuple[str, dict]] = _containers(doc)
+            if path.name == "docker-compose.yaml":
+                items += [(f"services/{n}", svc) for n, svc in (doc.get("services") or {}).items()]
+            for where, spec in items:
+                for key in ("command", "args", "entrypoint"):
+                    text = json_text(spec.get(key))
+                    if secretish.search(text):
+                        problems.append(f"{rel}: {where}: {key} carries a secret: {text}")
+    return problems
+
+
+def json_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def test_database_password_is_not_in_process_arguments():
+    problems = password_in_arguments_problems(ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def test_password_in_arguments_check_catches_the_old_db_upgrade(tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "infra", copy / "infra")
+    deployment = copy / "infra/mlflow/deployment.yaml"
+    deployment.write_text(
+        deployment.read_text().replace(
+            'command: ["mlflow-db-upgrade"]', 'command: ["mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]'
+        )
+    )
+    assert any("db-upgrade" in p for p in password_in_arguments_problems(copy))
+
+
+def test_mlflow_manifests_turn_authentication_on_from_secrets():
+    deployment = yaml_docs(ROOT / "infra/mlflow/deployment.yaml")[0]
+    server = next(c for _, c in _containers(deployment) if c["name"] == "mlflow")
+    env = {e["name"]: e for e in server["env"]}
+    for name, key in [
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "admin-username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "admin-password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+    ]:
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-secrets", "key": key}, name
+    secret = yaml_docs(ROOT / "infra/mlflow/secret.example.yaml")[0]
+    assert {"admin-username", "admin-password", "flask-secret-key"} <= set(secret["stringData"])
+    mounts = {m["mountPath"] for m in server["volumeMounts"]}
+    assert "/var/lib/mlflow-auth" in mounts, "the auth app's user store must outlive the pod"
+    compose = yaml_docs(ROOT / "infra/mlflow/docker-compose.yaml")[0]["services"]["mlflow"]["environment"]
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(
+        compose
+    )
+
+
+def _policies() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in yaml_docs(ROOT / "infra/networkpolicy.yaml")}
+
+
+def test_network_policies_deny_by_default_and_open_only_the_listed_paths():
+    policies = _policies()
+    deny = policies["default-deny"]["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny and "egress" not in deny
+    # Every allow rule names its peers: an empty `from`/`to` (or a rule without one) would open a port to everyone.
+    for name, policy in policies.items():
+        for direction, peers in (("ingress", "from"), ("egress", "to")):
+            for rule in policy["spec"].get(direction, []):
+                assert rule.get(peers), f"{name}: a {direction} rule without `{peers}` allows every peer"
+    jobs_api = policies["ray-jobs-api"]["spec"]
+    assert jobs_api["podSelector"] == {"matchLabels": {"ray.io/node-type": "head"}}
+    assert [p["port"] for r in jobs_api["ingress"] for p in r["ports"]] == [8265]
+    mlflow = policies["mlflow"]["spec"]
+    assert [p["port"] for r in mlflow["ingress"] for p in r["ports"]] == [5000]
+    assert {p["port"] for r in mlflow["egress"] for p in r["ports"]} == {5432, 9000}
+
+
+def test_job_submitters_carry_the_label_the_policies_allow():
+    for rel in ("infra/kuberay/rayjob.yaml", "infra/kuberay/rayjob-gpu.yaml"):
+        labels = yaml_docs(ROOT / rel)[0]["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+        assert labels.get("mtrec.io/ray-client") == "true", rel
+    cron = yaml_docs(ROOT / "infra/cron/cronjob.yaml")[0]
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert labels.get("mtrec.io/ray-client") == "true"
+
+
+def test_ray_dashboard_is_not_bound_to_all_interfaces():
+    for rel in ("infra/kuberay/raycluster.yaml", "infra/kuberay/rayjob.yaml", "infra/kuberay/rayjob-gpu.yaml"):
+        doc = yaml_docs(ROOT / rel)[0]
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        head = cluster["headGroupSpec"]
+        assert head["rayStartParams"]["dashboard-host"] == "${POD_IP}", rel
+        container = head["template"]["spec"]["containers"][0]
+        pod_ip = [e for e in container["env"] if e["name"] == "POD_IP"]
+        assert pod_ip and pod_ip[0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", rel
+        for probe in ("readinessProbe", "livenessProbe"):  # KubeRay's defaults would ask localhost:8265
+            assert "POD_IP" in json_text(container[probe]["exec"]["command"]), f"{rel}: {probe}"
+    text = (ROOT / "infra/ray/cluster.yaml").read_text()
+    assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text

@@ -93,9 +93,11 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a SQLite backend and proxied artifacts, in its own process group so that
     stopping it stops exactly its processes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.port = free_port()
+        self.extra_args = extra_args
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []  # e.g. ["--app-name", "basic-auth"]
 
@@ -105,7 +107,8 @@ class MlflowServer:
 
     def start(self) -> None:
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (kept open for the process's lifetime)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers needed
+        # No background job workers needed.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.extra_env}
         self.proc = subprocess.Popen(
             [
                 str(VENV_BIN / "mlflow"),
