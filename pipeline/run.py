@@ -10,6 +10,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.evaluate import EvalResult, evaluate
 from pipeline.ingest import IngestResult, ingest
 from pipeline.register import RegisterResult, register
+from pipeline.resources import check_cluster
 from pipeline.train import TrainResult, train
 
 
@@ -28,6 +29,7 @@ def generate(cfg: ExperimentConfig) -> GenerationResult:
 
 
 def run_pipeline(cfg: ExperimentConfig, with_generate: bool = False) -> PipelineResult:
+    check_cluster(cfg)  # a cluster too small for training fails now, not after generation and ingest
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     generated = generate(cfg) if with_generate else None
     ingested = ingest(cfg)

@@ -38,6 +38,7 @@ from models.io import MODEL_FILE, WEIGHTS_FILE
 from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
 from pipeline.config import ExperimentConfig
 from pipeline.ingest import IngestResult
+from pipeline.watchdog import watched_batches
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -254,16 +255,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
     loop_samples = 0
 
     def batches_of(epoch: int) -> Iterator[Batch]:
-        return iter(
-            shard.iter_torch_batches(
-                batch_size=cfg.train.batch_size,
-                collate_fn=collate,
-                drop_last=True,
-                local_shuffle_buffer_size=max(shuffle, cfg.train.batch_size) if shuffle else None,
-                local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank if shuffle else None,
-                prefetch_batches=2,
-            )
+        stream = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            collate_fn=collate,
+            drop_last=True,
+            local_shuffle_buffer_size=max(shuffle, cfg.train.batch_size) if shuffle else None,
+            local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank if shuffle else None,
+            prefetch_batches=2,
         )
+        # Fails, instead of waiting forever, when the stream cannot be scheduled (see pipeline.watchdog).
+        return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
 
     def done() -> bool:
         return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
@@ -403,17 +404,18 @@ def train(
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import FailureConfig  # Ray Train v2's, with controller_failure_limit
 
-    from pipeline.runtime import ensure_ray
+    from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
-    ensure_ray(cfg)
+    needs = check_cluster(cfg)  # fails in seconds, naming the shortfall, when the run cannot fit the cluster
     spec = cfg.feature_spec()
     storage = (cfg.run_dir / "ray_results").resolve()
     run_name = f"{cfg.name}-train"
     if not resume:
         shutil.rmtree(storage / run_name, ignore_errors=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
-    dataset = ray.data.read_parquet(ingested.train_files)
+    dataset = ray.data.read_parquet(ingested.train_files, ray_remote_args={"num_cpus": needs.read_task_cpus})
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
@@ -428,18 +430,28 @@ def train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker=needs.resources_per_worker(),
+            placement_strategy=cfg.train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # A worker group that cannot get its resources within train.resource_wait_s (a lost node not replaced)
+            # fails the run: Ray Train would otherwise retry the start forever.
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    try:
+        with worker_start_timeout(cfg.train.resource_wait_s):
+            result = trainer.fit()
+    except Exception as err:
+        explained = explain_training_failure(err, cfg, needs)
+        if explained is None:
+            raise
+        raise explained from err
     if result.error:
         raise result.error
     if result.checkpoint is None:
