@@ -13,12 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 240
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -54,6 +56,9 @@ class RayNode:
     name: str
     extra: dict[str, str] = field(default_factory=dict)
 
+    def started(self) -> bool:
+        return b"Ray runtime started" in Path(self.log.name).read_bytes()
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the node's whole process group (its raylet, workers, and for a head the GCS and dashboard)."""
         with contextlib.suppress(ProcessLookupError):
@@ -85,7 +90,7 @@ def kill_by_marker(marker: str) -> None:
 
 def _start(args: list[str], name: str, log_dir: Path, env: dict[str, str]) -> RayNode:
     temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
-    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (open while the node runs)
+    log = open(log_dir / f"{name}-{temp_dir.name}.log", "wb")  # noqa: SIM115 (open while the node runs)
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
         stdout=log,
@@ -96,8 +101,27 @@ def _start(args: list[str], name: str, log_dir: Path, env: dict[str, str]) -> Ra
     return RayNode(proc, temp_dir, log, name)
 
 
+def _attempts(start: Callable[[], T], tries: int = 3) -> T:
+    """`ray start` gives a node 30 s to register, hard-coded: on a loaded machine it may give up. Try again."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except NodeExitedError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+class NodeExitedError(RuntimeError):
+    """`ray start` exited before its node was up."""
+
+
 def start_head(log_dir: Path, num_cpus: int, env: dict[str, str]) -> tuple[RayNode, str, str]:
     """A head with the dashboard (the Jobs API lives there); returns (node, GCS address, Jobs API URL)."""
+    return _attempts(lambda: _start_head(log_dir, num_cpus, env))
+
+
+def _start_head(log_dir: Path, num_cpus: int, env: dict[str, str]) -> tuple[RayNode, str, str]:
     from ray.job_submission import JobSubmissionClient
 
     from jobs.submit import enable_ray_token_auth
@@ -129,10 +153,11 @@ def start_head(log_dir: Path, num_cpus: int, env: dict[str, str]) -> tuple[RayNo
     while True:
         if node.proc.poll() is not None:
             node.stop()
-            raise RuntimeError(f"ray start --head exited with {node.proc.returncode}; see {node.log.name}")
+            raise NodeExitedError(f"ray start --head exited with {node.proc.returncode}; see {node.log.name}")
         try:
-            JobSubmissionClient(address).list_jobs()  # the Jobs API answers (with the cluster's token)
-            return node, f"127.0.0.1:{gcs_port}", address
+            if node.started():  # `ray start` is done (the dashboard alone answers before the node registers)
+                JobSubmissionClient(address).list_jobs()  # the Jobs API answers (with the cluster's token)
+                return node, f"127.0.0.1:{gcs_port}", address
         except Exception:
             pass
         if time.monotonic() > deadline:
@@ -151,6 +176,12 @@ def start_worker(
     log_dir: Path, name: str, gcs_address: str, dashboard: str, num_cpus: int, env: dict[str, str]
 ) -> RayNode:
     """A worker node joining the head; returns once the cluster counts it alive."""
+    return _attempts(lambda: _start_worker(log_dir, name, gcs_address, dashboard, num_cpus, env))
+
+
+def _start_worker(
+    log_dir: Path, name: str, gcs_address: str, dashboard: str, num_cpus: int, env: dict[str, str]
+) -> RayNode:
     before = alive_node_count(gcs_address, dashboard)
     ports = node_ports()
     node = _start(
@@ -166,10 +197,10 @@ def start_worker(
         env,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
-    while alive_node_count(gcs_address, dashboard) <= before:
+    while not node.started() or alive_node_count(gcs_address, dashboard) <= before:
         if node.proc.poll() is not None:
             node.stop()
-            raise RuntimeError(f"ray start --address exited with {node.proc.returncode}; see {node.log.name}")
+            raise NodeExitedError(f"ray start --address exited with {node.proc.returncode}; see {node.log.name}")
         if time.monotonic() > deadline:
             node.stop()
             raise RuntimeError(f"worker node {name} did not join in {START_TIMEOUT_S}s; see {node.log.name}")

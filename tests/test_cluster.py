@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,12 +172,13 @@ def _submit(dashboard: str, command: str, overrides: list[str], extra_args: list
     logs: list[str] = []
     notes: list[str] = []
     deadline = time.monotonic() + 240
+    submission_id = f"mtrec-test-{uuid.uuid4().hex[:8]}"  # a retried submission follows the job it may have started
     while True:
         try:
-            result = submit(cfg, entrypoint, address=dashboard, sink=logs.append, status_sink=notes.append, **kw)
+            result = submit(cfg, entrypoint, dashboard, submission_id, sink=logs.append, status_sink=notes.append, **kw)
             return result, "".join(logs), notes
-        except SubmitError as err:  # a head whose job agent is still starting says so; try again
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
+        except SubmitError:  # a head still starting its job agent (or too busy to answer): try again
+            if time.monotonic() > deadline:
                 raise
             time.sleep(3)
 
