@@ -110,6 +110,7 @@ def train(
     """Train on the ingested window with Ray Train + TorchRec DistributedModelParallel."""
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
+    from pipeline.resources import CLUSTER_ERRORS
     from pipeline.train import train as run_train
 
     _quiet_libraries()
@@ -125,7 +126,10 @@ def train(
         warm_dir = warm.model_dir
         console.print(f"warm start from {warm_start} -> {warm_dir}")
     ingested = IngestResult.load(cfg.run_dir.resolve() / "ingest.json")
-    result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
+    try:
+        result = run_train(cfg, ingested, resume=resume, warm_start_dir=warm_dir)
+    except CLUSTER_ERRORS as err:
+        _fail(err)
     console.print(
         f"trained {result.steps} steps, {result.samples:,} samples, {result.samples_per_s:,.0f} samples/s "
         f"-> {result.model_dir}"
@@ -180,6 +184,7 @@ def run(
     """All stages: (generate ->) ingest -> train -> evaluate -> register, then a summary table."""
     from features.validate import DataValidationError
     from pipeline.registry import RegistryUnavailableError
+    from pipeline.resources import CLUSTER_ERRORS
     from pipeline.run import run_pipeline
 
     _quiet_libraries()
@@ -188,6 +193,8 @@ def run(
     try:
         result = run_pipeline(cfg, with_generate=generate_data)
     except (DataValidationError, RegistryUnavailableError) as err:
+        _fail(err)
+    except CLUSTER_ERRORS as err:
         _fail(err)
     c = result.ingested.total_counts()
     console.print(
@@ -262,12 +269,15 @@ def daily(
     from jobs.daily import DailyError, run_daily
     from pipeline.promote import PromotionError
     from pipeline.registry import RegistryUnavailableError
+    from pipeline.resources import CLUSTER_ERRORS
 
     _quiet_libraries()
     cfg = _load(config, set_)
     try:
         report = run_daily(cfg, date)
     except (DailyError, DataValidationError, PromotionError, RegistryUnavailableError) as err:
+        _fail(err)
+    except CLUSTER_ERRORS as err:
         _fail(err)
     console.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
     for stage, took in report.stages.items():

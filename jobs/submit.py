@@ -46,8 +46,8 @@ class SubmitResult:
     hint: str | None = None  # what to change, when the job failed for a reason the follower recognises
 
 
-# A Python that lacks this package (or one of its own top-level packages), or no such interpreter at all.
-_MISSING_MODULE = re.compile(r"No module named '?(jobs|pipeline|features|models)(\.\w+)*'?")
+# A Python that lacks this package or one of its requirements, or no such interpreter at all.
+_MISSING_MODULE = re.compile(r"No module named '?[\w.]+'?")
 _NOT_FOUND = re.compile(r"([\w./+-]+): (?:command )?not found")
 
 
@@ -81,7 +81,7 @@ def missing_package_hint(logs: str, entrypoint: str) -> str | None:
     interpreter = shlex.split(entrypoint)[0] if entrypoint.strip() else "python"
     missing = _MISSING_MODULE.search(logs)
     if missing:
-        what = f"`{interpreter}` on the cluster cannot import this package ({missing.group(0)})"
+        what = f"`{interpreter}` on the cluster cannot import this package and its requirements ({missing.group(0)})"
     elif any(m.group(1) == interpreter for m in _NOT_FOUND.finditer(logs)):
         what = f"the head node has no `{interpreter}` (not found)"
     else:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.config import ExperimentConfig
+from pipeline.watchdog import DataStallError
 
 GIB = 1024**3
 
@@ -240,7 +241,9 @@ def explain_training_failure(err: BaseException, cfg: ExperimentConfig, needs: T
         for failure in err.worker_failures.values():
             found = _STALL.search(str(failure).replace("\n", " "))
             if found:
-                from pipeline.watchdog import DataStallError
-
                 return DataStallError(found.group(0))
     return None
+
+
+#: The failures about the cluster rather than the model: the CLI prints them as errors, without a stack trace.
+CLUSTER_ERRORS: tuple[type[Exception], ...] = (ClusterTooSmallError, ResourceWaitError, DataStallError)

@@ -96,6 +96,7 @@ def _start(args: list[str], name: str, log_dir: Path, env: dict[str, str]) -> Ra
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
+        cwd=temp_dir,  # not this checkout: a job's driver starts in the node's directory
         start_new_session=True,
     )
     return RayNode(proc, temp_dir, log, name)
