@@ -102,7 +102,7 @@ def _start(args: list[str], name: str, log_dir: Path, env: dict[str, str]) -> Ra
     return RayNode(proc, temp_dir, log, name)
 
 
-def _attempts(start: Callable[[], T], tries: int = 3) -> T:
+def _attempts(start: Callable[[], T], tries: int = 5) -> T:
     """`ray start` gives a node 30 s to register, hard-coded: on a loaded machine it may give up. Try again."""
     for attempt in range(tries):
         try:
