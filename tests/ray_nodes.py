@@ -185,6 +185,9 @@ def _start_worker(
 ) -> RayNode:
     before = alive_node_count(gcs_address, dashboard)
     ports = node_ports()
+    # The head turns token authentication on by default; a joining node sends the token (~/.ray/auth_token) only
+    # in token mode.
+    env = {"RAY_AUTH_MODE": "token", **env}
     node = _start(
         [
             f"--address={gcs_address}",
