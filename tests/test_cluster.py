@@ -341,7 +341,7 @@ def test_two_nodes_train_one_worker_each_evaluate_and_register(two_nodes: TwoNod
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"]["ctr"]["auc"] > 0.5
     cfg = small_config(tmp_path, *TRAIN)
     client = MlflowClient(tracking_uri=cfg.tracking_uri(), registry_uri=cfg.tracking_uri())
-    assert [v.version for v in client.search_model_versions(f"name='{cfg.mlflow.model_name}'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions(f"name='{cfg.mlflow.model_name}'")] == ["1"]
     workers = list_actors(address=two_nodes.dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     assert len({w.node_id for w in workers}) == 2, "SPREAD: one training worker per node"
     two_nodes.reference.update(run_dir=tmp_path, steps=trained.steps, samples=trained.samples)
