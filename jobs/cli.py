@@ -149,6 +149,7 @@ def train(
     from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.ingest import IngestResult
     from pipeline.registry import RegistryUnavailableError, resolve_warm_start
+    from pipeline.resources import CLUSTER_ERRORS
     from pipeline.run import describe_trained
     from pipeline.train import NothingToTrainError
     from pipeline.train import train as run_train
@@ -171,6 +172,8 @@ def train(
                 result = run_train(cfg, ingested, warm_start_dir=warm_dir, fresh=fresh, progress=progress)
                 progress.done(describe_trained(result))
         except (CheckpointMismatchError, NothingToTrainError) as err:
+            _fail(err, out)
+        except CLUSTER_ERRORS as err:
             _fail(err, out)
         out.print(f"model -> {result.model_dir}")
 
@@ -235,6 +238,7 @@ def run(
     from features.validate import DataValidationError
     from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.registry import RegistryUnavailableError
+    from pipeline.resources import CLUSTER_ERRORS
     from pipeline.run import run_pipeline
     from pipeline.train import NothingToTrainError
 
@@ -243,7 +247,14 @@ def run(
     with _session(cfg, verbose) as out:
         try:
             result = run_pipeline(cfg, with_generate=generate_data, reporter=ConsoleReporter(out), fresh=fresh)
-        except (DataValidationError, RegistryUnavailableError, CheckpointMismatchError, NothingToTrainError) as err:
+        except (
+            DataValidationError,
+            RegistryUnavailableError,
+            CheckpointMismatchError,
+            NothingToTrainError,
+        ) as err:
+            _fail(err, out)
+        except CLUSTER_ERRORS as err:
             _fail(err, out)
         print_summary(result.evaluated, result.registered, out)
         out.print(f"done in {time.perf_counter() - started:.0f}s")
@@ -335,6 +346,7 @@ def daily(
     from pipeline.checkpoints import CheckpointMismatchError
     from pipeline.promote import PromotionError
     from pipeline.registry import RegistryUnavailableError
+    from pipeline.resources import CLUSTER_ERRORS
 
     cfg = _load(config, set_)
     with _session(cfg, verbose) as out:
@@ -354,6 +366,8 @@ def daily(
             CheckpointMismatchError,
             LeaseLostError,
         ) as err:
+            _fail(err, out)
+        except CLUSTER_ERRORS as err:
             _fail(err, out)
         out.print(f"daily {report.date}: {report.status}, version {report.version} ({report.model_uri})")
         for stage, took in report.stages.items():

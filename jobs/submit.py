@@ -3,10 +3,12 @@ its status and stream its logs until it ends.
 
     mtrec submit -c configs/experiments/demo.yaml --address http://head:8265 --command run -- --generate
 
-runs ``mtrec run --config configs/experiments/demo.yaml --generate`` on the cluster (``--remote-config`` when the
-config lives elsewhere there, e.g. in the image). The same ``--set`` overrides travel with the command. The cluster
-must have this package installed (the images under docker/); the runtime environment (``submit.runtime_env``) adds
-environment variables, or a ``working_dir`` for code that is not in the image.
+runs ``python -m jobs.cli run --config configs/experiments/demo.yaml --generate`` on the cluster (``--remote-config``
+when the config lives elsewhere there, e.g. in the image). The same ``--set`` overrides travel with the command. The
+command is ``submit.entrypoint`` (the module through the head's ``python``, so no console script needs to be on the
+head's PATH; an absolute interpreter path where ``python`` is another one). That Python must import this package (the
+images under docker/ install it): when it cannot, the follower says what to install. The runtime environment
+(``submit.runtime_env``) adds environment variables, or a ``working_dir`` for code that is not in the image.
 
 With ``--submission-id`` a submission is idempotent: if a job of that id exists, it is followed instead of started
 again (a scheduler retrying ``mtrec submit ... --submission-id daily-2026-01-03`` never runs the day twice at once).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -40,6 +43,12 @@ class SubmitResult:
     address: str
     entrypoint: str  # credentials removed
     followed: bool
+    hint: str | None = None  # what to change, when the job failed for a reason the follower recognises
+
+
+# A Python that lacks this package or one of its requirements, or no such interpreter at all.
+_MISSING_MODULE = re.compile(r"No module named '?[\w.]+'?")
+_NOT_FOUND = re.compile(r"([\w./+-]+): (?:command )?not found")
 
 
 def resolve_address(cfg: ExperimentConfig, address: str | None) -> str:
@@ -65,6 +74,25 @@ def build_entrypoint(
         parts += ["--set", o]
     parts += extra_args
     return shlex.join(parts)
+
+
+def missing_package_hint(logs: str, entrypoint: str) -> str | None:
+    """When the job's logs show that the cluster's Python could not run this CLI, say what to install or set."""
+    interpreter = shlex.split(entrypoint)[0] if entrypoint.strip() else "python"
+    missing = _MISSING_MODULE.search(logs)
+    if missing:
+        what = f"`{interpreter}` on the cluster cannot import this package and its requirements ({missing.group(0)})"
+    elif any(m.group(1) == interpreter for m in _NOT_FOUND.finditer(logs)):
+        what = f"the head node has no `{interpreter}` (not found)"
+    else:
+        return None
+    return (
+        f"{what}. The job's driver runs `{interpreter} -m jobs.cli` on the head node: install this package "
+        "(mtrec-pipeline, with its requirements) into the Python that runs Ray on every node (the images under "
+        "docker/ do), or ship the code with submit.runtime_env (working_dir: the project folder, pip: its "
+        "requirements), or set submit.entrypoint to the Python that has it, e.g. "
+        "`--set 'submit.entrypoint=/opt/venv/bin/python -m jobs.cli'`"
+    )
 
 
 def enable_ray_token_auth() -> None:
@@ -147,8 +175,15 @@ def submit(
 
     timeout = cfg.submit.timeout_s
     started = time.monotonic()
+    tail: list[str] = []  # the end of the logs, to recognise a cluster that cannot run this CLI
+
+    def keep(chunk: str) -> None:
+        tail.append(chunk)
+        del tail[:-50]
+        sink(chunk)
+
     try:
-        asyncio.run(asyncio.wait_for(_tail(client, job_id, sink), timeout=timeout))
+        asyncio.run(asyncio.wait_for(_tail(client, job_id, keep), timeout=timeout))
     except TimeoutError:
         status = _status(client, job_id)
         note(
@@ -164,4 +199,7 @@ def submit(
     info = client.get_job_info(job_id)
     message = f": {info.message}" if status != "SUCCEEDED" and info.message else ""
     note(f"[submit] job {job_id} {status}{message}")
-    return SubmitResult(job_id, status, url, shown, followed=True)
+    hint = missing_package_hint("".join(tail), entrypoint) if status == "FAILED" else None
+    if hint:
+        note(f"[submit] {hint}")
+    return SubmitResult(job_id, status, url, shown, followed=True, hint=hint)

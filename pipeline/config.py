@@ -117,6 +117,31 @@ class TrainConfig(_Strict):
         default=0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
     )
     sharding: ShardingConfig = ShardingConfig()
+    # Scheduling on the cluster (left out of the config fingerprint: they do not change what is trained).
+    data_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs kept free beside the training workers for the data path (Ray Data read tasks streaming "
+        "the training window); each read task asks for min(1, data_cpus)",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK", description="how Ray places the training workers over nodes (SPREAD: one per node if it can)"
+    )
+    resource_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long to wait for the workers' resources (at the start, and for a replacement after a lost "
+        "node) before failing",
+    )
+    stall_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="fail when no training batch arrives for this long while the cluster has no CPU for a data task",
+    )
+
+
+#: Where and how the workers run, not what they train: kept out of the fingerprint.
+TRAIN_SCHEDULING_FIELDS = ("data_cpus", "placement_strategy", "resource_wait_s", "stall_timeout_s")
 
 
 class EvalConfig(_Strict):
@@ -242,7 +267,11 @@ class SubmitConfig(_Strict):
     address: str | None = Field(
         default=None, description="http://<head>:8265; unset: RAY_API_SERVER_ADDRESS, then an http RAY_ADDRESS"
     )
-    entrypoint: str = Field(default="mtrec", description="how the cluster invokes this CLI")
+    entrypoint: str = Field(
+        default="python -m jobs.cli",
+        description="how the cluster invokes this CLI: a Python that has this package installed, -m jobs.cli (no "
+        "console script on PATH needed); an absolute interpreter path when `python` on the head is another one",
+    )
     runtime_env: dict[str, Any] = Field(default_factory=lambda: {"env_vars": {"PYTHONUNBUFFERED": "1"}})
     entrypoint_num_cpus: float | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, gt=0, description="stop following (not the job) after this long")
@@ -277,7 +306,8 @@ class ExperimentConfig(_Strict):
         """Hash of the resolved config and the feature spec's content (paths excluded, they differ per machine)."""
         # Operational sections (gate, retries, scheduling, submission) do not change what is trained: left out, so
         # the hash of a config is the same as before they existed and a retry setting never looks like a new model.
-        operational = {name: True for name in ("promotion", "registry", "daily", "submit")}
+        operational: dict[str, Any] = {name: True for name in ("promotion", "registry", "daily", "submit")}
+        operational["train"] = set(TRAIN_SCHEDULING_FIELDS)
         body = self.model_dump(
             mode="json",
             exclude={"run_dir": True, "data": {"path", "oracle_path", "complete"}, "features": True, **operational},

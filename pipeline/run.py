@@ -12,6 +12,7 @@ from pipeline.evaluate import EvalResult, evaluate
 from pipeline.ingest import IngestResult, ingest
 from pipeline.progress import SILENT_REPORTER, StageReporter
 from pipeline.register import RegisterResult, register
+from pipeline.resources import check_cluster
 from pipeline.train import TrainResult, train
 
 
@@ -73,6 +74,7 @@ def run_pipeline(
     """All stages; training continues from this run folder's checkpoints of the same config and data (``fresh``:
     start over, the old checkpoints moved aside). ``with_generate`` rewrites the logs first, so it trains fresh too:
     checkpoints of logs that no longer exist are no place to continue from."""
+    check_cluster(cfg)  # a cluster too small for training fails now, not after generation and ingest
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     generated = None
     if with_generate:

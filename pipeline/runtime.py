@@ -58,11 +58,21 @@ def _start_ray(cfg: ExperimentConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=_verbose)
         return
-    # Locally, the training workers hold cpus_per_worker each; Ray Data's read and validate tasks need CPUs too, or
-    # they wait for the workers that wait for them. Give the local node logical headroom beyond the physical cores.
-    needed = cfg.train.num_workers * cfg.train.cpus_per_worker + 4
+    # Locally, the training workers hold cpus_per_worker each and Ray Data's read tasks need CPUs too, or they wait
+    # for the workers that wait for them: the local node gets what the run needs at once (pipeline.resources), even
+    # beyond the physical cores, and says so. On a cluster the same needs are checked, never invented.
+    from pipeline.resources import local_cpus
+
+    num_cpus = local_cpus(cfg)
+    cores = os.cpu_count() or 1
+    if num_cpus > cores:
+        logging.getLogger(__name__).warning(
+            "local Ray: %d logical CPUs on %d cores (the training workers and the data path share them)",
+            num_cpus,
+            cores,
+        )
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, needed),
+        num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=_verbose,
         configure_logging=True,

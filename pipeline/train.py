@@ -51,6 +51,7 @@ from pipeline.progress import (
 )
 from pipeline.runtime import ensure_ray, verbose
 from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_math
+from pipeline.watchdog import watched_batches
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
@@ -328,16 +329,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
     loop_samples = 0
 
     def batches_of(epoch: int) -> Iterator[Batch]:
-        return iter(
-            shard.iter_torch_batches(
-                batch_size=cfg.train.batch_size,
-                collate_fn=collate,
-                drop_last=True,
-                local_shuffle_buffer_size=max(shuffle, cfg.train.batch_size) if shuffle else None,
-                local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank if shuffle else None,
-                prefetch_batches=2,
-            )
+        stream = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            collate_fn=collate,
+            drop_last=True,
+            local_shuffle_buffer_size=max(shuffle, cfg.train.batch_size) if shuffle else None,
+            local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank if shuffle else None,
+            prefetch_batches=2,
         )
+        # Fails, instead of waiting forever, when the stream cannot be scheduled (see pipeline.watchdog).
+        return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
 
     def done() -> bool:
         return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
@@ -499,8 +500,12 @@ def train(
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import FailureConfig  # Ray Train v2's, with controller_failure_limit
+
+    from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
     accounting = check_trainable(cfg, ingested)
+    needs = check_cluster(cfg)  # fails in seconds, naming the shortfall, when the run cannot fit the cluster
     ensure_ray(cfg)
     spec = cfg.feature_spec()
     logs = log_dir(cfg.run_dir)
@@ -511,7 +516,7 @@ def train(
     identity = CheckpointIdentity.of(cfg, ingested.window_key())
     prepare_checkpoints(storage / run_name, identity, fresh)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
-    dataset = ray.data.read_parquet(ingested.train_files)
+    dataset = ray.data.read_parquet(ingested.train_files, ray_remote_args={"num_cpus": needs.read_task_cpus})
     if cfg.train.shuffle == "global":
         # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
         dataset = dataset.random_shuffle(seed=cfg.train.seed)
@@ -523,13 +528,16 @@ def train(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker=needs.resources_per_worker(),
+            placement_strategy=cfg.train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # A worker group that cannot get its resources within train.resource_wait_s (a lost node not replaced)
+            # fails the run: Ray Train would otherwise retry the start forever.
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets={"train": dataset},
@@ -541,8 +549,14 @@ def train(
         status = f"epoch {record['epoch']} · loss {record['loss']:.4f} · {record['samples_per_s']:,.0f} samples/s"
         progress.update(record["step"], status)
 
-    with ProgressFileFollower(progress_file, on_record):
-        result = trainer.fit()
+    try:
+        with ProgressFileFollower(progress_file, on_record), worker_start_timeout(cfg.train.resource_wait_s):
+            result = trainer.fit()
+    except Exception as err:
+        explained = explain_training_failure(err, cfg, needs)
+        if explained is None:
+            raise
+        raise explained from err
     if result.error:
         raise result.error
     if result.checkpoint is None:

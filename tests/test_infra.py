@@ -321,14 +321,25 @@ def _neutralise_shell(text: str) -> str:
     return re.sub(r"\$(\w+)", lambda m: sample.get(m.group(1), "X"), text)
 
 
+def _is_cli(tokens: list[str], i: int) -> int:
+    """How many tokens at ``i`` invoke the CLI (``mtrec``, ``.../bin/mtrec``, ``python -m jobs.cli``); 0 if none."""
+    tok = tokens[i]
+    if tok == "mtrec" or tok.endswith("/bin/mtrec"):
+        return 1
+    if re.fullmatch(r"(.*/)?python(3[.\d]*)?", tok) and tokens[i + 1 : i + 3] == ["-m", "jobs.cli"]:
+        return 3
+    return 0
+
+
 def mtrec_calls_in_command(command: str, where: str) -> list[MtrecCall]:
     tokens = shlex.split(_neutralise_shell(command), comments=False)
     calls = []
-    for i, tok in enumerate(tokens):
-        if not (tok == "mtrec" or tok.endswith("/bin/mtrec")) or i + 1 >= len(tokens):
+    for i in range(len(tokens)):
+        width = _is_cli(tokens, i)
+        if not width or i + width >= len(tokens):
             continue
-        call = MtrecCall(where, tokens[i + 1], None, [])
-        j = i + 2
+        call = MtrecCall(where, tokens[i + width], None, [])
+        j = i + width + 1
         while j < len(tokens) and tokens[j] not in {";", "&&", "||", ">>", ">", "|"} and not tokens[j].endswith(";"):
             if tokens[j] in {"--config", "-c"}:
                 call.config = tokens[j + 1]
@@ -754,6 +765,10 @@ def test_command_extraction_handles_shell_and_kubernetes_syntax():
     assert (call.command, call.config) == ("daily", "c.yaml")
     assert call.overrides == ["mlflow.tracking_uri=http://mlflow.test:5000", "a.b=1"]
     assert mtrec_calls_in_command("/srv/mtrec/.venv/bin/mtrec run --config x.yaml", "w")[0].command == "run"
+    (module,) = mtrec_calls_in_command("exec python -m jobs.cli daily --config c.yaml --set a.b=1", "w")
+    assert (module.command, module.config, module.overrides) == ("daily", "c.yaml", ["a.b=1"])
+    assert mtrec_calls_in_command("/opt/venv/bin/python3.11 -m jobs.cli run -c x.yaml", "w")[0].config == "x.yaml"
+    assert not mtrec_calls_in_command("python -m pytest -q", "w")
 
 
 # ---------------------------------------------------------------------------------------------------------------
