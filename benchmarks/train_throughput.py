@@ -28,7 +28,7 @@ from features.transform import BatchTransform
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.ingest import IngestResult, ingest
 from pipeline.run import generate
-from pipeline.train import _arrow_collate, build_training, train_step
+from pipeline.train_worker import arrow_collate, build_training, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def _loop(config: dict[str, Any]) -> None:
         source = iter(
             shard.iter_torch_batches(
                 batch_size=bs,
-                collate_fn=_arrow_collate(spec, stats, pin_memory=device.type == "cuda"),
+                collate_fn=arrow_collate(spec, stats, pin_memory=device.type == "cuda"),
                 drop_last=True,
                 prefetch_batches=2,
                 local_shuffle_buffer_size=max(cfg.train.local_shuffle_buffer, bs)

@@ -18,43 +18,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.distributed as dist
-from torch import nn
 
-from features.batch import Batch
-from features.spec import FeatureSpec
-from features.stats import DenseStats
 from features.transform import BatchTransform
-from models.gradients import GradientMethod, build_gradient_method, head_config
-from models.io import MODEL_FILE, WEIGHTS_FILE, model_hash
-from models.multitask import MultiTaskLoss, output_bias_priors, set_output_bias
+from models.io import model_hash
+from models.multitask import output_bias_priors
 from pipeline.checkpoints import CheckpointIdentity, prepare_checkpoints
 from pipeline.config import ExperimentConfig, loggable_config
 from pipeline.ingest import IngestResult
-from pipeline.logs import redirect_process_output
 from pipeline.progress import (
     SILENT,
     TRAIN_PROGRESS_FILE,
     ProgressFileFollower,
     StageProgress,
-    append_progress,
     log_dir,
 )
 from pipeline.runtime import ensure_ray, verbose
-from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_math
-from pipeline.watchdog import watched_batches
-
-STATE_FILE = "train_state.json"
-DCP_DIR = "dcp"
+from pipeline.train_worker import worker_loop
 
 
 @dataclass(frozen=True)
@@ -82,36 +66,6 @@ class TrainResult:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the train stage first")
         return cls(**json.loads(path.read_text()))
-
-
-@dataclass
-class TrainState:
-    """Where training is: saved with every checkpoint so a resumed run continues at the same step and data position.
-
-    ``epoch_samples`` counts the samples of the current epoch consumed by ALL workers, so a run resumed with another
-    worker count skips the same global number of rows.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    epoch_samples: int = 0
-    samples: int = 0
-    world_size: int = 0
-    curve: list[dict[str, float]] = field(default_factory=list)
-    diagnostics: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class TrainingParts:
-    """Everything a worker needs for a step; built once per worker by :func:`build_training`."""
-
-    model: nn.Module
-    optimizer: Any  # torchrec CombinedOptimizer (fused embedding optimizer + dense Adam)
-    dense_optimizer: Any  # the dense part alone (its state is created lazily)
-    loss_fn: MultiTaskLoss
-    plan_summary: dict[str, Any]
-    method: GradientMethod  # replaces loss.backward(): equal weights, uncertainty, PCGrad or DRGrad
-    autocast: torch.dtype | None = None  # train.precision: the forward's autocast dtype, None for fp32
 
 
 class NothingToTrainError(ValueError):
@@ -157,315 +111,6 @@ def check_trainable(cfg: ExperimentConfig, ingested: IngestResult) -> RowAccount
             "(data.train_days), a smaller train.batch_size or fewer train.num_workers"
         )
     return accounting
-
-
-def build_training(
-    cfg: ExperimentConfig, spec: FeatureSpec, device: torch.device, local_world_size: int | None = None
-) -> TrainingParts:
-    """Build on the meta device, shard with the planner, and set up the optimizers (needs a process group)."""
-    from torchrec.optim.keyed import CombinedOptimizer
-
-    from models.multitask import build_model
-    from models.sharding import dense_optimizer, describe_plan, embedding_sharders, shard_model
-
-    torch.manual_seed(cfg.train.seed)
-    configure_device_math(device, cfg.train.tf32)
-    model = build_model(spec, cfg.model, device=torch.device("meta"), drgrad=head_config(cfg.gradients))
-    sharders = embedding_sharders(cfg.train.embedding_optimizer, cfg.train.embedding_lr)
-    dmp, plan = shard_model(
-        model,
-        device,
-        sharders,
-        local_world_size=local_world_size,
-        table_sharding={k: list(v) for k, v in cfg.train.sharding.tables.items()},
-        memory_per_worker_gb=cfg.train.sharding.memory_per_worker_gb,
-        table_sizes={t.name: (t.num_buckets, t.dim) for t in spec.tables},
-        optimizer=cfg.train.embedding_optimizer,
-    )
-    method = build_gradient_method(
-        cfg.gradients, dmp, [t.name for t in spec.tasks], weights={t.name: t.loss_weight for t in spec.tasks}
-    )
-    dense = dense_optimizer(dmp, cfg.train.dense_lr, extra=method.extra_parameters())
-    optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
-    return TrainingParts(
-        dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan), method, autocast_dtype(cfg.train.precision)
-    )
-
-
-def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """One optimisation step; the fused kernels update the embeddings inside backward. Returns the weighted total,
-    the per-task losses and the gradient method's diagnostics (empty on most steps). With ``parts.autocast`` the
-    forward's dense layers run in that dtype (the embedding lookups stay fp32) and the losses are taken in fp32."""
-    if parts.autocast is None:
-        outputs = parts.model(batch)
-    else:
-        with torch.autocast(batch.dense.device.type, dtype=parts.autocast):
-            outputs = {k: v.float() for k, v in parts.model(batch).items()}
-    losses = parts.loss_fn.task_losses(outputs, batch.labels)
-    parts.optimizer.zero_grad()
-    diagnostics = parts.method.backward(losses)
-    parts.optimizer.step()
-    return parts.method.total(losses).detach(), losses, diagnostics
-
-
-def _tensor_state(parts: TrainingParts) -> dict[str, Any]:
-    """Model and optimizer state as a tree of tensors only (ShardedTensors for sharded tables)."""
-    optim_state = parts.optimizer.state_dict()["state"]
-    state: dict[str, Any] = {"model": parts.model.state_dict(), "optim": optim_state}
-    extra = parts.method.extra_parameters()  # e.g. uncertainty weighting's log-variances, outside the model
-    if extra:
-        state["method"] = {str(i): p.data for i, p in enumerate(extra)}
-    return state
-
-
-def save_checkpoint(parts: TrainingParts, state: TrainState, folder: Path) -> None:
-    """Collective: every rank writes its shards into ``folder/dcp``; rank 0 adds the train state."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(_tensor_state(parts), checkpoint_id=str(folder / DCP_DIR))
-    if dist.get_rank() == 0:
-        (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
-
-
-def load_checkpoint(parts: TrainingParts, folder: Path) -> TrainState:
-    """Load in place; DCP reads by global offsets, so it also reshards onto another worker count."""
-    import torch.distributed.checkpoint as dcp
-
-    parts.dense_optimizer.init_state()  # Adam's state is lazy: create it so DCP can load into it in place
-    target = _tensor_state(parts)
-    dcp.load(target, checkpoint_id=str(folder / DCP_DIR))
-    parts.model.load_state_dict(target["model"])
-    for i, p in enumerate(parts.method.extra_parameters()):
-        p.data.copy_(target["method"][str(i)])
-    current = parts.optimizer.state_dict()
-    parts.optimizer.load_state_dict({**current, "state": target["optim"]})
-    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
-
-
-def _arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False) -> Any:
-    """The collate for ``iter_torch_batches``. With ``pin_memory`` (CUDA workers) the batch is also copied into
-    page-locked memory there, so the training thread's ``Batch.to(device, non_blocking=True)`` is an asynchronous DMA:
-    Ray pins and moves only plain tensor batches, not a custom ``Batch``."""
-    from ray.data.collate_fn import ArrowBatchCollateFn
-
-    class _Collate(ArrowBatchCollateFn):
-        """Runs in Ray Data's prefetch threads, so the Arrow -> KJT work (and the pinning) overlaps the step."""
-
-        def __init__(self) -> None:
-            self.transform = BatchTransform(spec, stats)
-
-        def __call__(self, batch: pa.Table) -> Batch:  # type: ignore[override]
-            out = self.transform(batch)
-            return out.pin_memory() if pin_memory else out
-
-    return _Collate()
-
-
-def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any]) -> None:
-    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one."""
-    import tempfile
-
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(parts, state, Path(tmp))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _worker_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from models.sharding import gather_state_dict
-
-    cfg = ExperimentConfig.model_validate(config["experiment"])
-    spec = FeatureSpec.model_validate(config["spec"])
-    stats = DenseStats(**config["stats"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logs = Path(config["log_dir"])
-    if config["redirect_output"]:
-        # Everything this worker and its libraries print (planner tables, warnings) goes to its own log file.
-        redirect_process_output(logs / f"train-worker-{rank}.log")
-    progress_file = logs / TRAIN_PROGRESS_FILE
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.train.cpus_per_worker)
-
-    parts = build_training(cfg, spec, device, local_world_size=ctx.get_local_world_size())
-    state = TrainState(world_size=world)
-    resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(parts, Path(folder))
-        resumed_from = state.step
-        if rank == 0:
-            print(
-                f"[train] resumed from step {state.step} (epoch {state.epoch}, {state.epoch_samples} samples into it,"
-                f" saved by {state.world_size} worker(s), now {world})",
-                flush=True,
-            )
-        state.world_size = world
-    elif config.get("warm_start_dir"):
-        _warm_start(parts, Path(config["warm_start_dir"]), rank)
-    else:
-        # Start each output at its label's base rate / mean (same priors on every rank), see output_bias_priors.
-        set_output_bias(parts.model, config["output_bias"])
-    if rank == 0:
-        from models.multitask import build_model, format_parameter_report, parameter_report
-
-        meta_model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))
-        report = parameter_report(meta_model, spec, cfg.model)
-        print(f"[train] parameters:\n{format_parameter_report(report)}", flush=True)
-        print(f"[train] sharding plan: {json.dumps(parts.plan_summary)}", flush=True)
-
-    shard = ray.train.get_dataset_shard("train")
-    collate = _arrow_collate(spec, stats, pin_memory=device.type == "cuda")
-    shuffle = cfg.train.local_shuffle_buffer if cfg.train.shuffle in ("local", "global") else None
-    per_step = cfg.train.batch_size * world
-    window = LossWindow()
-    window_steps = 0
-    started = last_log = time.perf_counter()
-    loop_samples = 0
-
-    def batches_of(epoch: int) -> Iterator[Batch]:
-        stream = shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            collate_fn=collate,
-            drop_last=True,
-            local_shuffle_buffer_size=max(shuffle, cfg.train.batch_size) if shuffle else None,
-            local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank if shuffle else None,
-            prefetch_batches=2,
-        )
-        # Fails, instead of waiting forever, when the stream cannot be scheduled (see pipeline.watchdog).
-        return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
-
-    def done() -> bool:
-        return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
-
-    parts.model.train()
-    while state.epoch < cfg.train.epochs and not done():
-        batches = batches_of(state.epoch)
-        # Resume mid-epoch: skip what the workers had consumed (a global count, valid for another worker count).
-        for _ in range(state.epoch_samples // per_step):
-            next(batches, None)
-        while not done():
-            # No per-step agreement that every rank has a batch: Ray Train splits the dataset with
-            # streaming_split(equal=True) and batches drop the last partial one, so all ranks run out together.
-            batch = next(batches, None)
-            if batch is None:
-                break
-            total, losses, diagnostics = train_step(parts, batch.to(device, non_blocking=True))
-            if diagnostics:
-                state.diagnostics.append({"step": state.step + 1, **diagnostics})
-            state.step += 1
-            state.samples += per_step
-            state.epoch_samples += per_step
-            loop_samples += per_step
-            window_steps += 1
-            window.add(total, losses)  # summed on the device; read only at log_every
-            if state.step % cfg.train.log_every == 0:
-                point = window.mean_over_ranks(world)
-                now = time.perf_counter()
-                rate = window_steps * per_step / (now - last_log)
-                last_log, window_steps = now, 0
-                state.curve.append({"step": state.step, "epoch": state.epoch, **point})
-                if rank == 0:
-                    text = " ".join(f"{k}={v:.4f}" for k, v in point.items())
-                    print(f"[train] epoch {state.epoch} step {state.step} {text} {rate:,.0f} samples/s", flush=True)
-                    append_progress(
-                        progress_file,
-                        {"step": state.step, "epoch": state.epoch, "samples_per_s": rate, "loss": point["total"]},
-                    )
-            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                _report(parts, state, {"step": state.step, "epoch": state.epoch})
-        if not done():
-            state.epoch += 1
-            state.epoch_samples = 0
-            _report(parts, state, {"step": state.step, "epoch": state.epoch})
-    loop_seconds = time.perf_counter() - started
-
-    weights = gather_state_dict(parts.model)
-    metrics = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "samples": state.samples,
-        "loop_seconds": loop_seconds,
-        "samples_per_s": loop_samples / max(loop_seconds, 1e-9),
-        "resumed_from_step": resumed_from,
-        "world_size": world,
-    }
-    if rank == 0:
-        description = {
-            "spec": config["spec"],
-            "model": config["experiment"]["model"],
-            "gradients": config["experiment"]["gradients"],
-            "stats": config["stats"],
-        }
-        metrics_extra = {
-            "plan": parts.plan_summary,
-            "curve": state.curve,
-            "description": description,
-            "diagnostics": state.diagnostics,
-        }
-    else:
-        metrics_extra = {}
-    _report_final(parts, state, metrics, weights if rank == 0 else None, metrics_extra)
-
-
-def _report_final(
-    parts: TrainingParts,
-    state: TrainState,
-    metrics: dict[str, Any],
-    weights: dict[str, torch.Tensor] | None,
-    extra: dict[str, Any],
-) -> None:
-    """The final checkpoint: DCP state (for resume/warm start) plus, from rank 0, the unsharded model folder."""
-    import tempfile
-
-    import ray.train
-    from safetensors.torch import save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        save_checkpoint(parts, state, folder)
-        if weights is not None:
-            save_file(weights, str(folder / WEIGHTS_FILE))
-            (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
-            (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
-            (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
-            (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
-            (folder / "summary.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
-    """Initialise from a trained model folder (unsharded safetensors): every rank copies its own shards' rows.
-
-    Loading the unsharded weights through DMP's ``load_state_dict`` lets TorchRec slice each table into this rank's
-    shards, whatever the sharding of the model that wrote them.
-    """
-    from safetensors.torch import load_file
-
-    weights = load_file(str(model_dir / WEIGHTS_FILE))
-    own = parts.model.state_dict()
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    with torch.no_grad():
-        for key, target in own.items():
-            name = key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
-            if name not in weights:
-                raise KeyError(f"warm start: {model_dir} has no weights for '{name}' (architecture changed?)")
-            source = weights[name]
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    rows, cols = shard.metadata.shard_offsets
-                    h, w = shard.metadata.shard_sizes
-                    shard.tensor.copy_(source[rows : rows + h, cols : cols + w])
-            else:
-                target.copy_(source)
-    if rank == 0:
-        print(f"[train] warm start from {model_dir}", flush=True)
 
 
 def worker_config(
@@ -523,7 +168,7 @@ def train(
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
-        _worker_loop,
+        worker_loop,
         train_loop_config=worker_config(cfg, ingested, warm_start_dir, priors),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,

@@ -30,7 +30,7 @@ from models.gradient_rules import Segments, code_route, paper_route
 from models.gradients import GradientConfig, build_gradient_method, head_config
 from models.multitask import MultiTaskLoss, build_model
 from pipeline.step_stats import LossWindow
-from pipeline.train import TrainingParts, train_step
+from pipeline.train_worker import TrainingParts, train_step
 from tests.test_models import COMBOS, model_cfg, small_spec
 
 META = torch.device("meta")
