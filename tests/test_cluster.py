@@ -160,7 +160,7 @@ JOB_TIMEOUT_S = 900
 def _overrides(run_dir: Path, *extra: str) -> list[str]:
     return [
         f"run_dir={run_dir}",
-        f"data.path={run_dir / 'logs'}",
+        f"data.path={run_dir / 'data'}",
         f"data.oracle_path={run_dir / 'oracle.parquet'}",
         *extra,
     ]
@@ -204,7 +204,7 @@ def test_training_that_cannot_fit_a_two_cpu_head_fails_fast_naming_the_settings(
     assert result.status == "FAILED", logs[-3000:]
     assert "has 2 CPUs; training needs 3" in logs, logs[-3000:]
     assert "train.num_workers=2 x train.cpus_per_worker=1" in logs and "train.data_cpus=1" in logs
-    assert not (tmp_path / "logs").exists(), "the check runs before generation and ingest"
+    assert not (tmp_path / "data").exists(), "the check runs before generation and ingest"
     assert "Traceback" not in logs, "a clear error, not a stack trace"
     print(f"failed after {took:.0f}s from submission")
 

@@ -240,7 +240,7 @@ def test_submit_runs_a_command_on_a_ray_head_and_streams_logs(ray_head: str, tmp
 
     overrides = [
         f"run_dir={tmp_path}",
-        f"data.path={tmp_path / 'logs'}",
+        f"data.path={tmp_path / 'data'}",
         f"data.oracle_path={tmp_path / 'oracle.parquet'}",
         "generator.num_days=2",
         "generator.impressions_per_day=500",
@@ -262,7 +262,7 @@ def test_submit_runs_a_command_on_a_ray_head_and_streams_logs(ray_head: str, tmp
     assert result.status == "SUCCEEDED" and result.followed, "".join(streamed)[-3000:]
     logs = "".join(streamed)
     assert "generated 1,000 rows" in logs, logs[-3000:]
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["dt=2026-01-01", "dt=2026-01-02"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dt=2026-01-01", "dt=2026-01-02"]
     assert any("submitted" in n and "MTREC_TEST" in n for n in notes)
     # Environment values (credentials) travel in the runtime environment only: not in the entrypoint, not printed.
     info = JobSubmissionClient(ray_head).get_job_info(result.job_id)

@@ -183,7 +183,7 @@ def http_config(pipeline_run: Any, run_dir: Path, server: MlflowServer, name: st
     original = cfg.run_dir.resolve()
     return small_config(
         run_dir,
-        f"data.path={original / 'logs'}",
+        f"data.path={original / 'data'}",
         f"data.oracle_path={original / 'oracle.parquet'}",
         f"mlflow.tracking_uri={server.uri}",
         f"mlflow.model_name={name}",

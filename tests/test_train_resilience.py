@@ -166,7 +166,7 @@ def test_driver_killed_then_the_same_command_resumes(straight: Straight, tmp_pat
     _copy_inputs(straight.cfg.run_dir, tmp_path)
     overrides = [
         f"run_dir={tmp_path}",
-        f"data.path={tmp_path / 'logs'}",
+        f"data.path={tmp_path / 'data'}",
         *TRAIN_SET,
         f"train.max_steps={STEPS}",
         "train.checkpoint_every_steps=5",
