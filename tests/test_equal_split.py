@@ -22,7 +22,9 @@ def test_ray_train_splits_give_every_rank_the_same_batch_count(
         {"train": dataset}, world_size=world, worker_handles=None, worker_node_ids=None
     )
 
-    @ray.remote
+    # The consumers hold no CPU, like Ray Train's workers leave room for the read tasks: with one CPU each, a node
+    # with as many CPUs as ranks has none left for the read, and the splits never yield.
+    @ray.remote(num_cpus=0)
     def count(split: object, seed: int) -> int:
         n = 0
         for _ in split.iter_torch_batches(  # type: ignore[attr-defined]
