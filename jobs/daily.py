@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from jobs import lease
 from pipeline.config import ExperimentConfig
+from pipeline.logs import notice
 from pipeline.partitions import WINDOW_FILE, DataWindow, PartitionScan, scan_partitions, split_windows
 from pipeline.register import COMPLETE_TAG, RegisterResult
 from pipeline.registry import CHAMPION, call_with_retries, http_settings, redact, registry_client
@@ -178,7 +179,7 @@ def pin_window(cfg: ExperimentConfig, scan: PartitionScan, day: str, fresh: bool
     windows' dates are the same, so its checkpoints stay valid."""
     for date, why in scan.incomplete.items():
         if date < day:
-            print(f"[daily] skipping partition dt={date}: {why}", flush=True)
+            notice(f"[daily] skipping partition dt={date}: {why}")
     dates = [d for d in scan.complete if d <= day]
     train_dates, eval_dates = split_windows(dates, cfg.data.train_days, cfg.data.eval_days)
     window = DataWindow(
@@ -193,7 +194,7 @@ def pin_window(cfg: ExperimentConfig, scan: PartitionScan, day: str, fresh: bool
         same_dates = (recorded.train_dates, recorded.eval_dates) == (train_dates, eval_dates)
         if same_dates and all(Path(f).is_file() for f in [*recorded.train_sources, *recorded.eval_sources]):
             return recorded
-        print(f"[daily] the window differs from the one recorded in {recorded_path}: using the new one", flush=True)
+        notice(f"[daily] the window differs from the one recorded in {recorded_path}: using the new one")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     window.save(recorded_path)
     return window
@@ -366,4 +367,4 @@ def _write_report(cfg: ExperimentConfig, report: DailyReport) -> None:
         with http_settings(cfg):
             call_with_retries(upload, cfg, "upload the daily report", f"The report is at {day_dir / REPORT_MD}.")
     except Exception as err:  # the report on disk is what matters; a failed upload must not fail a finished day
-        print(f"[daily] report not uploaded to the run: {redact(str(err))}", flush=True)
+        notice(f"[daily] report not uploaded to the run: {redact(str(err))}")

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.logs import notice
+
 #: Overrides the host name written as the lease's owner (e.g. a pod name where host names repeat).
 OWNER_ENV = "MTREC_LEASE_OWNER"
 
@@ -161,7 +163,7 @@ def acquire(
     heartbeat_s: float,
     wait_s: float = 0.0,
     poll_s: float = 2.0,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = notice,
 ) -> Lease:
     """Take the lease in ``path``, waiting up to ``wait_s`` for a live holder; raises :class:`LeaseHeldError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,7 @@ def acquire(
 
 @contextlib.contextmanager
 def held(
-    path: Path, ttl_s: float, heartbeat_s: float, wait_s: float = 0.0, say: Callable[[str], None] = print
+    path: Path, ttl_s: float, heartbeat_s: float, wait_s: float = 0.0, say: Callable[[str], None] = notice
 ) -> Iterator[Lease]:
     lease = acquire(path, ttl_s, heartbeat_s, wait_s, say=say)
     try:

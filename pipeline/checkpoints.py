@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
+from pipeline.logs import notice
 
 IDENTITY_FILE = "checkpoint_identity.json"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a checkpoint is registered
@@ -70,7 +71,7 @@ def _aside_name(folder: Path) -> Path:
 
 
 def prepare_checkpoints(
-    folder: Path, identity: CheckpointIdentity, fresh: bool, say: Callable[[str], None] = print
+    folder: Path, identity: CheckpointIdentity, fresh: bool, say: Callable[[str], None] = notice
 ) -> bool:
     """Get ``folder`` (a Ray Train run folder) ready for a run of ``identity``; True when it will resume.
 

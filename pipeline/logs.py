@@ -16,6 +16,18 @@ from typing import TextIO
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# Where notices go while library output is captured (set by captured_output); None: plain stdout.
+_notice_stream: TextIO | None = None
+
+
+def notice(message: str) -> None:
+    """A line meant for the person running the job (a skipped partition, a lease being waited for, checkpoints moved
+    aside): on the console even while library output goes to the log file, and in the log too."""
+    print(message, flush=True)
+    if _notice_stream is not None:
+        _notice_stream.write(message + "\n")
+        _notice_stream.flush()
+
 
 def _file_handler(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path)
@@ -72,8 +84,11 @@ def captured_output(path: Path, console: TextIO) -> Iterator[TextIO]:
         logging.captureWarnings(True)
         root.addHandler(handler)
         root.setLevel(min(saved_level or logging.WARNING, logging.INFO))
+        global _notice_stream
+        _notice_stream = out
         yield out
     finally:
+        _notice_stream = None
         fh.flush()
         os.dup2(saved_fds[0], 1)
         os.dup2(saved_fds[1], 2)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from features.validate import DataValidationError
 from pipeline.config import CompletenessConfig
+from pipeline.logs import notice
 
 PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 WINDOW_FILE = "window.json"
@@ -74,7 +75,7 @@ def _incomplete_because(rule: CompletenessConfig, folder: Path, files: list[Path
 
 
 def discover_partitions(
-    root: Path, rule: CompletenessConfig | None = None, say: Callable[[str], None] = print
+    root: Path, rule: CompletenessConfig | None = None, say: Callable[[str], None] = notice
 ) -> dict[str, list[Path]]:
     """Complete ``dt=YYYY-MM-DD`` folder -> its Parquet files, sorted by date; ``say`` gets one line per skipped
     partition. Fails naming the folder if no partition is usable."""
@@ -132,7 +133,7 @@ def resolve_window(
     train_days: int | None,
     eval_days: int,
     rule: CompletenessConfig | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = notice,
 ) -> DataWindow:
     """The windows over the complete partitions of ``root``, pinned to the files there now."""
     partitions = discover_partitions(root, rule, say)

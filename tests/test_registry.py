@@ -96,10 +96,9 @@ class MlflowServer:
     def __init__(self, root: Path, extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.port = free_port()
-        self.extra_args = extra_args
+        self.extra_args: list[str] = list(extra_args)  # e.g. ["--app-name", "basic-auth"]
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.extra_args: list[str] = []  # e.g. ["--app-name", "basic-auth"]
 
     @property
     def uri(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -208,8 +209,11 @@ def test_an_unreadable_champion_alias_fails_the_promotion(tmp_path: Path, monkey
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "auth.ini"))
-    srv = MlflowServer(tmp_path)
-    srv.extra_args = ["--app-name", "basic-auth"]
+    srv = MlflowServer(
+        tmp_path,
+        extra_args=("--app-name", "basic-auth"),
+        extra_env={"MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)},  # the auth app's CSRF key
+    )
     srv.start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")

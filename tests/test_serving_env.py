@@ -41,6 +41,7 @@ def serving_venv(pipeline_run: Any, tmp_path_factory: pytest.TempPathFactory) ->
     cfg, result = pipeline_run
     model_uri = result.registered.model_uri
     mlflow.set_tracking_uri(cfg.tracking_uri())
+    mlflow.set_registry_uri(cfg.tracking_uri())  # earlier tests may have pointed the registry at their server
     requirements = Path(mlflow.pyfunc.get_model_dependencies(model_uri)).read_text()
     root = tmp_path_factory.mktemp("serving_env")
     (root / "requirements.txt").write_text(requirements)
