@@ -32,7 +32,7 @@ from pipeline.registry import is_transient, redact
 from tests.conftest import DRGRAD_SET, small_config
 
 VENV_BIN = Path(sys.executable).parent
-# What a first champion must meet (the session's trained model beats chance on ctr and is roughly calibrated).
+# What a first champion must meet (the shared test run's trained model beats chance on ctr and is roughly calibrated).
 FIRST_CHAMPION_BOUNDS = "promotion.bounds={ctr.auc: {min: 0.55}, ctr.calibration: {min: 0.5, max: 2.0}}"
 
 
@@ -222,7 +222,7 @@ def variant(pipeline_run: Any, run_dir: Path, cfg: ExperimentConfig, kind: str) 
     shutil.copytree(trained.model_dir, model_dir, ignore=shutil.ignore_patterns("dcp"))
     weights = load_file(str(model_dir / "weights.safetensors"))
     # The CTR output layer: the tensors whose first dimension is 1 (the logit) under towers.ctr., or under both primary
-    # towers (T1', T1'') when the session run trained DRGrad's split head with ctr as the primary task.
+    # towers (T1', T1'') when the shared test run trained DRGrad's split head with ctr as the primary task.
     prefixes = ("towers.ctr.", "head.own.", "head.shared.")
     logit = [k for k, v in weights.items() if k.startswith(prefixes) and v.shape[0] == 1]
     assert logit, f"no CTR output layer among {list(weights)}"
