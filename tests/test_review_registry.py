@@ -2,7 +2,8 @@
 register: refused), a first champion only with bounds or ``--allow-first``, and two promotion processes racing for
 the ``champion`` alias (compare-and-set: the one whose comparison went stale is refused).
 
-Uses the shared test run's trained model (``pipeline_run``) and the helpers of ``test_registry``; one server for the module.
+Uses the shared test run's trained model (``pipeline_run``) and the functions of ``test_registry``; one server
+for the module.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 @pytest.mark.slow
 def test_register_refuses_metrics_of_earlier_weights(pipeline_run: Any, server: MlflowServer, tmp_path: Path) -> None:
-    """Train (the shared test run), evaluate (its eval.json), train again (here, for real), register: refused, naming the
-    stage to re-run; nothing reaches the registry."""
+    """Train (the shared test run), evaluate (its eval.json), train again (here, for real), register: refused, naming
+    the stage to re-run; nothing reaches the registry."""
     from mlflow.exceptions import MlflowException
 
     from pipeline.lineage import StageMismatchError
