@@ -8,10 +8,10 @@ Regression: RMSE in label space (log space for log1p labels) on the task's sampl
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import polars as pl
@@ -26,14 +26,17 @@ from models.io import load_model, model_hash
 from models.multitask import joint_name, predictions
 from pipeline.config import ExperimentConfig
 from pipeline.ingest import IngestResult
+from pipeline.results import StageResult
 from pipeline.train import TrainResult
 
 _EPS = 1e-7
 
 
 @dataclass(frozen=True)
-class EvalResult:
+class EvalResult(StageResult):
     """metrics and oracle: evaluation name (task, or ESMM product) -> metric -> value."""
+
+    STAGE: ClassVar[str] = "evaluate"
 
     metrics: dict[str, dict[str, float]]
     oracle: dict[str, dict[str, float]]
@@ -43,15 +46,6 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)  # why a metric is absent (e.g. GAUC without a grouping key)
     model_hash: str = ""  # the weights scored (see pipeline/lineage.py)
     data_hash: str = ""  # the ingest whose evaluation window was scored
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> EvalResult:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the evaluate stage first")
-        return cls(**json.loads(path.read_text()))
 
     def rows_for_table(self) -> list[tuple[str, str, float, float | None]]:
         out = []

@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,13 +32,16 @@ from features.validate import (
 from pipeline.config import ExperimentConfig
 from pipeline.partitions import WINDOW_FILE, DataWindow, discover_partitions, resolve_window, split_windows
 from pipeline.progress import SILENT, StageProgress
+from pipeline.results import StageResult
 
 __all__ = ["IngestResult", "discover_partitions", "ingest", "split_windows"]
 
 
 @dataclass(frozen=True)
-class IngestResult:
+class IngestResult(StageResult):
     """What the later stages need; saved as ``<run_dir>/ingest.json`` so stages can run as separate commands."""
+
+    STAGE: ClassVar[str] = "ingest"
 
     train_dates: list[str]
     eval_dates: list[str]
@@ -70,15 +73,6 @@ class IngestResult:
     def counts_of(self, split: str) -> ValidationCounts:
         """Counts of one window (``train`` or ``eval``); zero when the window had no files."""
         return ValidationCounts(**self.counts[split]) if split in self.counts else ValidationCounts(0, 0, 0, {})
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> IngestResult:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the ingest stage first")
-        return cls(**json.loads(path.read_text()))
 
 
 def data_fingerprint(sources: list[tuple[str, Path]], counts: dict[str, Any], stats_path: Path) -> str:

@@ -35,18 +35,22 @@ def _file_handler(path: Path) -> logging.Handler:
     return handler
 
 
-def redirect_process_output(path: Path) -> None:
-    """For the rest of this process: fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python warnings and the root logger
-    all write to ``path`` (appending). For processes that exist to do one job, such as a training worker."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+def _redirect(fh: TextIO, handler: logging.Handler) -> None:
+    """fds 1 and 2, ``sys.stdout``/``sys.stderr``, Python warnings and the root logger all write to ``fh``."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fh.fileno(), 1)
     os.dup2(fh.fileno(), 2)
     sys.stdout = sys.stderr = fh
     logging.captureWarnings(True)
-    logging.getLogger().addHandler(_file_handler(path))
+    logging.getLogger().addHandler(handler)
+
+
+def redirect_process_output(path: Path) -> None:
+    """For the rest of this process: everything it writes goes to ``path`` (appending). For processes that exist to
+    do one job, such as a training worker."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _redirect(open(path, "a", buffering=1), _file_handler(path))  # noqa: SIM115 (lives as long as the process)
 
 
 def _console_stream(stream: TextIO) -> TextIO:
@@ -76,13 +80,7 @@ def captured_output(path: Path, console: TextIO) -> Iterator[TextIO]:
     handler = _file_handler(path)
     fh = open(path, "a", buffering=1)  # noqa: SIM115 (closed in finally)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fh.fileno(), 1)
-        os.dup2(fh.fileno(), 2)
-        sys.stdout = sys.stderr = fh
-        logging.captureWarnings(True)
-        root.addHandler(handler)
+        _redirect(fh, handler)
         root.setLevel(min(saved_level or logging.WARNING, logging.INFO))
         global _notice_stream
         _notice_stream = out

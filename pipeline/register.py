@@ -21,7 +21,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import mlflow
@@ -49,6 +49,7 @@ from pipeline.registry import (
     versions_with_tag,
 )
 from pipeline.report import GRADIENT_DIAGNOSTICS_FILE, CardInputs, model_card, summary_card, write_plots
+from pipeline.results import StageResult
 from pipeline.train import TrainResult
 
 if TYPE_CHECKING:
@@ -89,22 +90,15 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class RegisterResult:
+class RegisterResult(StageResult):
+    STAGE: ClassVar[str] = "register"
+
     run_id: str
     model_name: str
     version: str
     model_uri: str  # models:/<name>/<version>
     alias_uri: str  # models:/<name>@challenger
     tracking_uri: str  # credentials removed
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> RegisterResult:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the register stage first")
-        return cls(**json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

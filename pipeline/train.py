@@ -20,7 +20,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 
@@ -37,12 +37,15 @@ from pipeline.progress import (
     StageProgress,
     log_dir,
 )
+from pipeline.results import StageResult
 from pipeline.runtime import ensure_ray, verbose
 from pipeline.train_worker import worker_loop
 
 
 @dataclass(frozen=True)
-class TrainResult:
+class TrainResult(StageResult):
+    STAGE: ClassVar[str] = "train"
+
     model_dir: str
     steps: int
     samples: int
@@ -57,15 +60,6 @@ class TrainResult:
     data_hash: str = ""
     train_dates: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # RowAccounting: rows used, trained per epoch, dropped
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> TrainResult:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the train stage first")
-        return cls(**json.loads(path.read_text()))
 
 
 class NothingToTrainError(ValueError):
