@@ -239,7 +239,9 @@ def test_stalled_data_stream_fails_instead_of_hanging(ray_local: None, tmp_path:
     )
     generate(cfg)
     ingested = ingest(cfg)
-    spare = ray.available_resources().get("CPU", 0) - cfg.train.num_workers * cfg.train.cpus_per_worker
+    # From the node's total, not what is free this instant: the ingest's tasks may still hold CPUs, and a hog sized
+    # by that moment would leave a CPU to the read tasks once they finish. The hog waits for them instead.
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.train.num_workers * cfg.train.cpus_per_worker
 
     @ray.remote
     class Hog:
