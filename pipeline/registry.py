@@ -142,9 +142,22 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if alias_not_found(err, alias):
+        if alias_not_found(err, alias) or not _registered_model_exists(client, name, err):
             return None
         raise
+
+
+def _registered_model_exists(client: MlflowClient, name: str, alias_error: MlflowException) -> bool:
+    """MLflow's basic-auth app answers an alias lookup on a registered model that does not exist yet with 403 (it
+    cannot resolve a permission for it), before the store could say 404: ask for the model itself, which it does
+    answer with 404. Any error of that second call raises the alias lookup's own error."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise alias_error from err
+    return True
 
 
 def alias_not_found(err: MlflowException, alias: str) -> bool:

@@ -74,14 +74,10 @@ def test_requests_without_valid_credentials_are_refused(auth_server: tuple[Mlflo
     assert call(search, ADMIN, password)[0] == 200
 
 
-@pytest.mark.xfail(
-    reason="known failure: as an ordinary (non-admin) user, setting the 'challenger' alias gets 403 Permission "
-    "denied from MLflow 3.17's basic-auth app; registering as that user is not shown yet",
-    strict=True,
-)
 def test_pipeline_registers_with_credentials_from_the_environment(
     pipeline_run: Any, auth_server: tuple[MlflowServer, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from pipeline.promote import promote
     from pipeline.register import register
 
     server, admin_password = auth_server
@@ -107,6 +103,9 @@ def test_pipeline_registers_with_credentials_from_the_environment(
     client = client_for(cfg)
     version = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
     assert version.version == registered.version
+    decision = promote(cfg)  # the same user moves champion (first champion: the config's absolute bounds)
+    assert decision.champion_after == registered.version, decision
+    assert client.get_model_version_by_alias(cfg.mlflow.model_name, "champion").version == registered.version
     run = client.get_run(registered.run_id)
     logged = json.dumps({"params": run.data.params, "tags": run.data.tags})
     assert password not in logged and admin_password not in logged
