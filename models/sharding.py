@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,13 +15,14 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
-from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from models.memory import WorkerMemory, worker_memory
 
 _EMB_OPTIMIZERS = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    "adagrad": EmbOptimType.EXACT_ADAGRAD,
     "adam": EmbOptimType.ADAM,
     "sgd": EmbOptimType.EXACT_SGD,
 }
@@ -30,7 +32,7 @@ def embedding_sharders(optimizer: str, learning_rate: float) -> list[ModuleShard
     """Sharders whose kernels apply the embedding optimizer inside backward (fused TBE): the embedding gradients are
     never materialised, so only dense parameters see an ordinary optimizer."""
     fused: dict[str, Any] = {"optimizer": _EMB_OPTIMIZERS[optimizer], "learning_rate": learning_rate}
-    if optimizer == "rowwise_adagrad":
+    if optimizer in ("rowwise_adagrad", "adagrad"):
         fused["eps"] = 1e-8
     return [
         EmbeddingBagCollectionSharder(fused_params=fused),  # type: ignore[list-item]
@@ -42,7 +44,12 @@ class ShardingPlanError(RuntimeError):
     """The planner could not place the tables; the message names the table and the memory it needs."""
 
 
-_OPTIMIZER_STATE_FACTOR = {"rowwise_adagrad": 0.0, "adam": 2.0, "sgd": 0.0}  # per-element state beyond the weights
+_OPTIMIZER_STATE_FACTOR = {
+    "rowwise_adagrad": 0.0,
+    "adagrad": 1.0,
+    "adam": 2.0,
+    "sgd": 0.0,
+}  # per-element state beyond the weights
 
 
 def table_bytes(num_rows: int, dim: int, optimizer: str) -> int:
@@ -149,12 +156,47 @@ def _explain_plan_failure(
     return "\n".join(lines)
 
 
-def dense_optimizer(model: nn.Module, lr: float, extra: list[nn.Parameter] | None = None) -> KeyedOptimizerWrapper:
-    """Adam over every parameter that the fused embedding kernels do not update (dense layers, data-parallel tables),
-    plus ``extra`` parameters owned outside the model (a gradient method's, e.g. uncertainty log-variances)."""
+def dense_optimizer(
+    model: nn.Module,
+    lr: float,
+    extra: list[nn.Parameter] | None = None,
+    table_optimizer: str | None = None,
+    table_lr: float | None = None,
+) -> KeyedOptimizer:
+    """Adam over every parameter that the fused embedding kernels do not update (dense layers), plus ``extra``
+    parameters owned outside the model (a gradient method's, e.g. uncertainty log-variances).
+
+    Tables the planner made data-parallel are not fused either: with ``table_optimizer`` they get the embedding
+    optimizer at ``table_lr`` (the same rule as the fused tables, whichever sharding the planner picked), otherwise
+    Adam with the dense layers."""
+    from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+
     params = dict(in_backward_optimizer_filter(model.named_parameters()))
     params.update({f"gradient_method.{i}": p for i, p in enumerate(extra or [])})
-    return KeyedOptimizerWrapper(params, lambda p: torch.optim.Adam(p, lr=lr))
+    tables = {k: p for k, p in params.items() if isinstance(p, TableBatchedEmbeddingSlice)}
+    if table_optimizer is None or not tables:
+        return KeyedOptimizerWrapper(params, lambda p: torch.optim.Adam(p, lr=lr))
+    rest = {k: p for k, p in params.items() if k not in tables}
+    make = _table_optimizers(table_optimizer, table_lr if table_lr is not None else lr)
+    return CombinedOptimizer(
+        [
+            ("dense", KeyedOptimizerWrapper(rest, lambda p: torch.optim.Adam(p, lr=lr))),
+            ("tables", KeyedOptimizerWrapper(tables, make)),
+        ]
+    )
+
+
+def _table_optimizers(kind: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    """The unfused counterparts of the fused kernels' optimizers (same eps as :func:`embedding_sharders`)."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    factories: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+        "rowwise_adagrad": lambda p: RowWiseAdagrad(p, lr=lr, eps=1e-8),
+        "adagrad": lambda p: torch.optim.Adagrad(p, lr=lr, eps=1e-8),
+        "adam": lambda p: torch.optim.Adam(p, lr=lr),
+        "sgd": lambda p: torch.optim.SGD(p, lr=lr),
+    }
+    return factories[kind]
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
