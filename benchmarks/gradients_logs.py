@@ -39,8 +39,9 @@ from features.spec import FeatureSpec, TaskKind, load_feature_spec
 from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
 from models.config import ModelConfig
 from models.gradients import GradientConfig
-from pipeline.evaluate import score_files, task_metrics
+from pipeline.evaluate import score_files
 from pipeline.local import train_local
+from pipeline.metrics import task_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/behaviour_logs.yaml"

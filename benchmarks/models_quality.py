@@ -42,8 +42,9 @@ from features.transform import BatchTransform, compute_dense_moments, dense_stat
 from models.config import ModelConfig
 from models.dtrn import DTRNBottom
 from models.multitask import MultiTaskModel
-from pipeline.evaluate import score_files, task_metrics
+from pipeline.evaluate import score_files
 from pipeline.local import train_local
+from pipeline.metrics import task_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs/features/behaviour_logs.yaml"

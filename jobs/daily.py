@@ -181,7 +181,7 @@ def pin_window(cfg: ExperimentConfig, scan: PartitionScan, day: str, fresh: bool
         if date < day:
             notice(f"[daily] skipping partition dt={date}: {why}")
     dates = [d for d in scan.complete if d <= day]
-    train_dates, eval_dates = split_windows(dates, cfg.data.train_days, cfg.data.eval_days)
+    train_dates, eval_dates = split_windows(dates, cfg.data.window_train_days, cfg.data.eval_days)
     window = DataWindow(
         train_dates=train_dates,
         eval_dates=eval_dates,

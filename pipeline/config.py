@@ -73,8 +73,19 @@ class DataConfig(_Strict):
         default=None, ge=1, description="last N partitions before the eval window; all if unset"
     )
     eval_days: int = Field(default=1, ge=1)
+    validation_days: int = Field(
+        default=0,
+        ge=0,
+        description="the last N partitions before the eval window: scored at every epoch end, never trained on; the "
+        "best epoch's weights are kept (train.validation). 0: no validation window",
+    )
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
     complete: CompletenessConfig = CompletenessConfig()
+
+    @property
+    def window_train_days(self) -> int | None:
+        """Partitions before the eval window that the window resolves: the training days plus the validation days."""
+        return None if self.train_days is None else self.train_days + self.validation_days
 
 
 ShardingType = Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
@@ -88,6 +99,21 @@ class ShardingConfig(_Strict):
     memory_per_worker_gb: float | None = Field(default=None, gt=0)
 
 
+class ValidationConfig(_Strict):
+    """What the validation window (``data.validation_days``) decides: the epoch whose weights are kept, and when to
+    stop. ``epochs`` is then an upper bound."""
+
+    metric: str | None = Field(
+        default=None,
+        description="'<task>.<metric>' watched at each epoch end (auc or logloss for a binary task or an ESMM "
+        "product, rmse for a regression task); default: the first binary task's auc (else the first task's rmse)",
+    )
+    patience: int | None = Field(
+        default=None, ge=1, description="stop after this many epochs without a gain; unset: run every epoch"
+    )
+    min_delta: float = Field(default=0.0, ge=0, description="a gain smaller than this does not count")
+
+
 class TrainConfig(_Strict):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
@@ -96,7 +122,11 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=1, ge=1)
     dense_lr: float = Field(default=1e-3, gt=0)
     embedding_lr: float = Field(default=0.05, gt=0)
-    embedding_optimizer: Literal["rowwise_adagrad", "adam", "sgd"] = "rowwise_adagrad"
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = Field(
+        default="rowwise_adagrad",
+        description="fused into the tables' backward: rowwise_adagrad (one state float per row), adagrad (one per "
+        "element: twice the table's memory), adam (CUDA only in fbgemm), sgd",
+    )
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
     precision: Literal["fp32", "bf16"] = Field(
@@ -117,6 +147,7 @@ class TrainConfig(_Strict):
         default=0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit"
     )
     sharding: ShardingConfig = ShardingConfig()
+    validation: ValidationConfig = ValidationConfig()
     # Scheduling on the cluster (left out of the config fingerprint: they do not change what is trained).
     data_cpus: float = Field(
         default=1.0,

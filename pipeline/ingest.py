@@ -37,6 +37,21 @@ from pipeline.results import StageResult
 __all__ = ["IngestResult", "discover_partitions", "ingest", "split_windows"]
 
 
+def split_validation(dates: list[str], validation_days: int) -> tuple[list[str], list[str]]:
+    """(training dates, validation dates): the validation window is the last ``validation_days`` of the dates before
+    the evaluation window."""
+    if validation_days == 0:
+        return list(dates), []
+    if len(dates) <= validation_days:
+        raise DataValidationError(
+            f"data.validation_days={validation_days} leaves no training partition: the window before the evaluation "
+            f"days holds {len(dates)} ({', '.join(dates)})",
+            file=None,
+            column=None,
+        )
+    return dates[:-validation_days], dates[-validation_days:]
+
+
 @dataclass(frozen=True)
 class IngestResult(StageResult):
     """What the later stages need; saved as ``<run_dir>/ingest.json`` so stages can run as separate commands."""
@@ -59,6 +74,8 @@ class IngestResult(StageResult):
         return DataWindow(self.train_dates, self.eval_dates, [], []).key()
 
     data_hash: str = ""  # identity of this ingest (see data_fingerprint); every later stage records it
+    validation_dates: list[str] = field(default_factory=list)  # data.validation_days: scored per epoch, not trained
+    validation_files: list[str] = field(default_factory=list)
 
     @property
     def stats(self) -> DenseStats:
@@ -130,9 +147,10 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "ingest.json").unlink(missing_ok=True)
     if window is None:
-        window = resolve_window(cfg.data.path, cfg.data.train_days, cfg.data.eval_days, cfg.data.complete)
+        window = resolve_window(cfg.data.path, cfg.data.window_train_days, cfg.data.eval_days, cfg.data.complete)
     window.save(run_dir / WINDOW_FILE)
-    train_dates, eval_dates = window.train_dates, window.eval_dates
+    train_dates, validation_dates = split_validation(window.train_dates, cfg.data.validation_days)
+    eval_dates = window.eval_dates
     files = [(_date_of(f), Path(f)) for f in [*window.train_sources, *window.eval_sources]]
     missing = [str(f) for _, f in files if not f.is_file()]
     if missing:
@@ -149,7 +167,7 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         shutil.rmtree(stale, ignore_errors=True)
     tasks = []
     for i, (date, f) in enumerate(files):
-        split = "eval" if date in eval_dates else "train"
+        split = "eval" if date in eval_dates else "validation" if date in validation_dates else "train"
         tasks.append(
             {
                 "path": str(f.resolve()),
@@ -186,6 +204,8 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         eval_dates=eval_dates,
         train_files=sorted(t["clean_path"] for t in tasks if t["split"] == "train"),
         eval_files=sorted(t["clean_path"] for t in tasks if t["split"] == "eval"),
+        validation_dates=validation_dates,
+        validation_files=sorted(t["clean_path"] for t in tasks if t["split"] == "validation"),
         quarantine_path=str(quarantine_path),
         stats_path=str(stats_path),
         counts={k: asdict(v) for k, v in counts.items()},

@@ -71,7 +71,8 @@ def score_model(
     """Metrics of the model in ``model_dir`` on ``eval_files`` and its predictions (evaluate stage's code path)."""
     from features.transform import BatchTransform
     from models.io import load_model
-    from pipeline.evaluate import score_files, task_metrics
+    from pipeline.evaluate import score_files
+    from pipeline.metrics import task_metrics
 
     loaded = load_model(model_dir)
     frame = score_files(eval_files, loaded.model, BatchTransform(loaded.spec, loaded.stats), loaded.spec, batch_size)

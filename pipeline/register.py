@@ -424,6 +424,17 @@ def _log_run(
             mlflow.log_metrics(
                 {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=int(point["step"])
             )
+        for point in trained.validation:  # the validation window per epoch: the curve that chose the weights
+            values = {
+                _metric_key("validation", name, k): float(v)
+                for name, m in point["metrics"].items()
+                for k, v in m.items()
+                if k != "rows"
+            }
+            mlflow.log_metrics(values, step=int(point["epoch"]))
+        if trained.validation:
+            mlflow.log_metrics({"train.best_epoch": trained.best_epoch, "train.epochs": trained.epochs})
+            mlflow.log_dict({"validation": trained.validation}, "train/validation_curve.json")
         _log_gradient_diagnostics(client, run.info.run_id, Path(trained.model_dir))
         mlflow.log_dict(config, "config/experiment.json")
         mlflow.log_artifact(str(cfg.features), "config")

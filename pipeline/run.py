@@ -41,19 +41,28 @@ def describe_generated(r: GenerationResult) -> str:
 def describe_ingested(r: IngestResult) -> str:
     c, tr, ev = r.total_counts(), r.counts_of("train"), r.counts_of("eval")
     reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(c.by_reason.items()))
+    validation = ""
+    if r.validation_dates:
+        validation = f"validation {r.counts_of('validation').rows_used:,} rows over {_days(r.validation_dates)}, "
     return (
         f"read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,}"
         f"{f' ({reasons})' if reasons else ''}; train {tr.rows_used:,} rows over {_days(r.train_dates)}, "
-        f"eval {ev.rows_used:,} rows over {_days(r.eval_dates)}"
+        f"{validation}eval {ev.rows_used:,} rows over {_days(r.eval_dates)}"
     )
 
 
 def describe_trained(r: TrainResult) -> str:
     losses = " ".join(f"{k} {v:.4f}" for k, v in r.final_losses.items() if k != "total")
     resumed = f", resumed from step {r.resumed_from_step}" if r.resumed_from_step else ""
+    kept = ""
+    if r.validation:
+        watched = r.validation[-1]["watched"]
+        best = next((v["value"] for v in r.validation if v["epoch"] == r.best_epoch), float("nan"))
+        stopped = ", stopped early" if r.stopped_early else ""
+        kept = f"; kept epoch {r.best_epoch} of {r.epochs}{stopped} (validation {watched} {best:.4f})"
     return (
         f"{r.steps:,} steps, {r.samples:,} samples at {r.samples_per_s:,.0f} samples/s on {r.world_size} workers"
-        f"{resumed}; final losses {losses}"
+        f"{resumed}; final losses {losses}{kept}"
     )
 
 

@@ -39,7 +39,8 @@ from pipeline.progress import (
 )
 from pipeline.results import StageResult
 from pipeline.runtime import ensure_ray, verbose
-from pipeline.train_worker import worker_loop
+from pipeline.train_worker import VALIDATION_FILE, worker_loop
+from pipeline.validation import resolve_monitor
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class TrainResult(StageResult):
     data_hash: str = ""
     train_dates: list[str] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # RowAccounting: rows used, trained per epoch, dropped
+    # data.validation_days: per completed epoch the validation window's metrics; the weights are best_epoch's.
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # 0: no validation window (the weights are the last step's)
+    stopped_early: bool = False
+    epochs: int = 0  # epochs completed
 
 
 class NothingToTrainError(ValueError):
@@ -120,6 +126,7 @@ def worker_config(
         "output_bias": output_bias,
         "log_dir": str(log_dir(cfg.run_dir)),
         "redirect_output": not verbose(),
+        "validation": bool(ingested.validation_files),
     }
 
 
@@ -144,6 +151,8 @@ def train(
     from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
     accounting = check_trainable(cfg, ingested)
+    if ingested.validation_files:
+        resolve_monitor(cfg.feature_spec(), cfg.train.validation)  # a wrong metric name fails now, not after epoch 1
     needs = check_cluster(cfg)  # fails in seconds, naming the shortfall, when the run cannot fit the cluster
     ensure_ray(cfg)
     spec = cfg.feature_spec()
@@ -159,6 +168,12 @@ def train(
     if cfg.train.shuffle == "global":
         # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
         dataset = dataset.random_shuffle(seed=cfg.train.seed)
+    datasets: dict[str, Any] = {"train": dataset}
+    if ingested.validation_files:
+        # Split equally over the workers like the training window (each scores its share at every epoch end).
+        datasets["validation"] = ray.data.read_parquet(
+            ingested.validation_files, ray_remote_args={"num_cpus": needs.read_task_cpus}
+        )
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
@@ -179,12 +194,17 @@ def train(
             failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     steps = accounting.steps_per_epoch * cfg.train.epochs
     progress.total(min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps, "steps")
 
     def on_record(record: dict[str, Any]) -> None:
+        if "validation" in record:  # an epoch end with a validation window
+            point = record["validation"]
+            status = f"epoch {point['epoch']} · validation {point['watched']} {point['value']:.4f}"
+            progress.update(point["step"], f"{status} · best epoch {record['best_epoch']}")
+            return
         status = f"epoch {record['epoch']} · loss {record['loss']:.4f} · {record['samples_per_s']:,.0f} samples/s"
         progress.update(record["step"], status)
 
@@ -220,6 +240,10 @@ def train(
         data_hash=ingested.data_hash,
         train_dates=list(ingested.train_dates),
         rows=asdict(accounting),
+        validation=json.loads((model_dir / VALIDATION_FILE).read_text()) if ingested.validation_files else [],
+        best_epoch=int(metrics.get("best_epoch", 0)),
+        stopped_early=bool(metrics.get("stopped_early", False)),
+        epochs=int(metrics["epoch"]),
     )
     if out.steps == 0:
         raise NothingToTrainError(f"training ran 0 steps ({asdict(accounting)}): the model in {model_dir} is untrained")

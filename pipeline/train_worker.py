@@ -36,6 +36,8 @@ from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_mat
 from pipeline.watchdog import watched_batches
 
 STATE_FILE = "train_state.json"
+VALIDATION_FILE = "validation_curve.json"
+BEST_WEIGHTS_FILE = "best_weights.safetensors"  # the validation window's best epoch (rank 0's file in a checkpoint)
 DCP_DIR = "dcp"
 
 
@@ -54,6 +56,12 @@ class TrainState:
     world_size: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)
     diagnostics: list[dict[str, float]] = field(default_factory=list)
+    # The validation window's per-epoch metrics and rank 0's decisions (identical on every rank: broadcast).
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # epochs completed when the watched metric was best; 0: none yet
+    best_value: float | None = None
+    stale_epochs: int = 0
+    stopped_early: bool = False
 
 
 @dataclass
@@ -95,7 +103,13 @@ def build_training(
     method = build_gradient_method(
         cfg.gradients, dmp, [t.name for t in spec.tasks], weights={t.name: t.loss_weight for t in spec.tasks}
     )
-    dense = dense_optimizer(dmp, cfg.train.dense_lr, extra=method.extra_parameters())
+    dense = dense_optimizer(
+        dmp,
+        cfg.train.dense_lr,
+        extra=method.extra_parameters(),
+        table_optimizer=cfg.train.embedding_optimizer,
+        table_lr=cfg.train.embedding_lr,
+    )
     optimizer = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense)])
     return TrainingParts(
         dmp, optimizer, dense, MultiTaskLoss(spec), describe_plan(plan), method, autocast_dtype(cfg.train.precision)
@@ -171,15 +185,60 @@ def arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False
     return _Collate()
 
 
-def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any]) -> None:
-    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one."""
+def _report(
+    parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (rank 0,
+    with a validation window): the best epoch's unsharded weights travel in every checkpoint, so a resumed run still
+    has them."""
     import tempfile
 
     import ray.train
+    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(parts, state, Path(tmp))
+        if best is not None:
+            save_file(best, str(Path(tmp) / BEST_WEIGHTS_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _validate_epoch(
+    parts: TrainingParts,
+    state: TrainState,
+    batches: Iterator[Batch],
+    spec: FeatureSpec,
+    cfg: ExperimentConfig,
+    device: torch.device,
+) -> bool:
+    """Score the validation shards (all ranks), decide on rank 0, apply the broadcast decision to ``state`` on every
+    rank. Returns whether this epoch is the new best."""
+    from pipeline.validation import broadcast_decision, decide, gather_scores, resolve_monitor, score_batches
+
+    monitor = resolve_monitor(spec, cfg.train.validation)
+    frame = gather_scores(score_batches(parts.model, spec, batches, device))
+    decision = None
+    if frame is not None:
+        from pipeline.validation import validation_metrics
+
+        metrics = validation_metrics(spec, frame)
+        decision = decide(monitor, cfg.train.validation, state.epoch, metrics, state.best_value, state.stale_epochs)
+    decision = broadcast_decision(decision)
+    state.validation.append(
+        {
+            "epoch": decision.epoch,
+            "step": state.step,
+            "watched": monitor.name,
+            "value": decision.value,
+            "metrics": decision.metrics,
+        }
+    )
+    if decision.improved:
+        state.best_epoch, state.best_value, state.stale_epochs = decision.epoch, decision.value, 0
+    else:
+        state.stale_epochs += 1
+    state.stopped_early = decision.stop
+    return decision.improved
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -204,10 +263,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     parts = build_training(cfg, spec, device, local_world_size=ctx.get_local_world_size())
     state = TrainState(world_size=world)
     resumed_from = 0
+    best: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's unsharded weights
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(parts, Path(folder))
+            if rank == 0 and (Path(folder) / BEST_WEIGHTS_FILE).is_file():
+                from safetensors.torch import load_file
+
+                best = load_file(str(Path(folder) / BEST_WEIGHTS_FILE))
         resumed_from = state.step
         if rank == 0:
             print(
@@ -230,6 +294,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         print(f"[train] sharding plan: {json.dumps(parts.plan_summary)}", flush=True)
 
     shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation") if config.get("validation") else None
     collate = arrow_collate(spec, stats, pin_memory=device.type == "cuda")
     shuffle = cfg.train.local_shuffle_buffer if cfg.train.shuffle in ("local", "global") else None
     per_step = cfg.train.batch_size * world
@@ -253,8 +318,16 @@ def worker_loop(config: dict[str, Any]) -> None:
     def done() -> bool:
         return cfg.train.max_steps is not None and state.step >= cfg.train.max_steps
 
+    def validation_batches() -> Iterator[Batch]:
+        assert validation_shard is not None
+        # Not dropping the last batch: each rank holds the same number of rows (equal split), so the same batches.
+        stream = validation_shard.iter_torch_batches(
+            batch_size=cfg.eval.batch_size, collate_fn=collate, drop_last=False, prefetch_batches=1
+        )
+        return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
+
     parts.model.train()
-    while state.epoch < cfg.train.epochs and not done():
+    while state.epoch < cfg.train.epochs and not done() and not state.stopped_early:
         batches = batches_of(state.epoch)
         # Resume mid-epoch: skip what the workers had consumed (a global count, valid for another worker count).
         for _ in range(state.epoch_samples // per_step):
@@ -288,14 +361,25 @@ def worker_loop(config: dict[str, Any]) -> None:
                         {"step": state.step, "epoch": state.epoch, "samples_per_s": rate, "loss": point["total"]},
                     )
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                _report(parts, state, {"step": state.step, "epoch": state.epoch})
+                _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
         if not done():
             state.epoch += 1
             state.epoch_samples = 0
-            _report(parts, state, {"step": state.step, "epoch": state.epoch})
+            if validation_shard is not None:
+                validation_started = time.perf_counter()
+                if _validate_epoch(parts, state, validation_batches(), spec, cfg, device):
+                    weights = gather_state_dict(parts.model)  # collective; the copy stays on rank 0
+                    # A snapshot: on the CPU the unsharded entries are the live parameters themselves.
+                    best = {k: v.clone() for k, v in weights.items()} if rank == 0 else None
+                paused = time.perf_counter() - validation_started
+                started, last_log = started + paused, last_log + paused  # samples/s count training time only
+                if rank == 0:
+                    append_progress(progress_file, {"validation": state.validation[-1], "best_epoch": state.best_epoch})
+            _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
     loop_seconds = time.perf_counter() - started
 
-    weights = gather_state_dict(parts.model)
+    # With a validation window the best epoch's weights are the result; the DCP state stays the last step's.
+    weights = gather_state_dict(parts.model) if state.best_epoch == 0 else (best or {})
     metrics = {
         "step": state.step,
         "epoch": state.epoch,
@@ -304,6 +388,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         "samples_per_s": loop_samples / max(loop_seconds, 1e-9),
         "resumed_from_step": resumed_from,
         "world_size": world,
+        "best_epoch": state.best_epoch,
+        "stopped_early": state.stopped_early,
     }
     if rank == 0:
         description = {
@@ -317,6 +403,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             "curve": state.curve,
             "description": description,
             "diagnostics": state.diagnostics,
+            "validation": state.validation,
         }
     else:
         metrics_extra = {}
@@ -345,6 +432,7 @@ def _report_final(
             (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
             (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
             (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
+            (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
             (folder / "summary.json").write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from features.spec import load_feature_spec
-from pipeline.evaluate import group_auc, task_metrics
+from pipeline.metrics import group_auc, task_metrics
 from tests.conftest import REPO
 
 SPEC = load_feature_spec(REPO / "configs/features/behaviour_logs.yaml")
