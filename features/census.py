@@ -28,10 +28,12 @@ Columns written (snake_case of the census names, ``'`` dropped, other non-alphan
 The label sources (``income`` as text, ``marital stat``) and ``instance weight`` (a sampling weight, MARSUPWT) are not
 written at all, so no spec can read them as features by mistake.
 
-Evaluation windows. The ingest stage evaluates on the *last* ``data.eval_days`` partitions and trains on every earlier
-one, so pointing it at ``out_dir`` would train on validation and test on test. The converter therefore also writes two
-views made of symlinks to the partitions: ``out_dir/views/tune`` (train + validation: tune hyper-parameters there) and
-``out_dir/views/final`` (train + test: report there), each used with ``data.eval_days: 1``.
+Evaluation windows. The ingest stage evaluates on the *last* ``data.eval_days`` partitions and, with
+``data.validation_days: 1``, scores the partition before them at every epoch end (the validation window: it picks the
+epoch whose weights are kept) and trains on the rest: ``out_dir`` itself, with both set to 1, trains on train, validates
+on validation and evaluates on test (the shipped ``configs/experiments/census.yaml``). The converter also writes two
+views made of symlinks to the partitions: ``out_dir/views/tune`` (train + validation: tune hyper-parameters there with
+``data.validation_days: 0``) and ``out_dir/views/final`` (train + test), each used with ``data.eval_days: 1``.
 
 Note for readers of the results: ``detailed household and family stat`` and ``detailed household summary in
 household`` partly encode marital status (e.g. "Child <18 never marr not in subfamily"). They are ordinary census

@@ -119,6 +119,14 @@ def _training_section(c: CardInputs) -> list[str]:
             f"{dropped:,} ({r['dropped_by_equal_split']:,} by the equal split over workers, "
             f"{r['dropped_by_drop_last']:,} by dropping each worker's last partial batch)"
         )
+    if t.validation:
+        watched = t.validation[-1]["watched"]
+        curve = ", ".join(f"{p['epoch']}: {p['value']:.4f}" for p in t.validation)
+        stopped = "stopped early" if t.stopped_early else "ran every epoch"
+        lines.append(
+            f"- weights of epoch {t.best_epoch} of {t.epochs} ({stopped}), the best on the validation window by "
+            f"{watched}; per epoch: {curve}"
+        )
     return lines
 
 
