@@ -74,6 +74,23 @@ class SequenceFeature(_Strict):
     id_type: IdType = IdType.int
 
 
+class MatchFeature(_Strict):
+    """Candidate-vs-history: how often, and how recently, the candidate's id(s) occur in a behaviour sequence.
+
+    ``candidate`` names a single-valued id feature (the item) or a sequence feature holding the candidate's several
+    ids (its genres or tags); ``sequence`` names the behaviour sequence searched, within its ``max_length``. Ids are
+    compared before hashing, so the two columns must hold the same kind of id. Each match feature adds
+    :data:`MATCH_OUTPUTS` inputs to the dense block (see :mod:`features.match`)."""
+
+    name: str
+    candidate: str = Field(description="a sparse feature (one id per row) or a sequence feature (several)")
+    sequence: str = Field(description="the behaviour sequence searched, newest first")
+
+
+#: What each match feature feeds the model: log1p(occurrences), 1 / (1 + position of the newest occurrence) or 0.
+MATCH_OUTPUTS = ("count", "recency")
+
+
 class DenseFeature(_Strict):
     """A numeric feature. Standardised with statistics computed on the training window."""
 
@@ -150,6 +167,7 @@ class FeatureSpec(_Strict):
     sparse: list[SparseFeature] = []
     sequences: list[SequenceFeature] = []
     dense: list[DenseFeature] = []
+    match: list[MatchFeature] = []
     tasks: list[TaskSpec]
 
     @model_validator(mode="after")
@@ -158,6 +176,7 @@ class FeatureSpec(_Strict):
         if len(tables) != len(self.tables):
             raise ValueError("table names must be unique")
         names = [f.name for f in self.sparse] + [f.name for f in self.sequences] + [f.name for f in self.dense]
+        names += [f.name for f in self.match]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"feature names must be unique, repeated: {sorted(dup)}")
@@ -183,6 +202,25 @@ class FeatureSpec(_Strict):
                 raise ValueError(f"task '{t.name}' refers to unknown task '{ref}'")
             if by_name[ref].kind != TaskKind.binary or by_name[ref].given or by_name[ref].esmm_parent:
                 raise ValueError(f"task '{t.name}' refers to '{ref}', which must be a binary task over all rows")
+        sparse_by_name = {f.name: f for f in self.sparse}
+        sequence_by_name = {f.name: f for f in self.sequences}
+        for i, m in enumerate(self.match):
+            candidate = sparse_by_name.get(m.candidate) or sequence_by_name.get(m.candidate)
+            if candidate is None:
+                raise ValueError(
+                    f"match feature '{m.name}' (#{i}): candidate '{m.candidate}' is not a sparse or sequence feature"
+                )
+            searched = sequence_by_name.get(m.sequence)
+            if searched is None:
+                raise ValueError(
+                    f"match feature '{m.name}' (#{i}): sequence '{m.sequence}' is not a sequence feature "
+                    f"(sequences: {sorted(sequence_by_name)})"
+                )
+            if candidate.id_type != searched.id_type:
+                raise ValueError(
+                    f"match feature '{m.name}' (#{i}): candidate '{m.candidate}' holds {candidate.id_type.value} ids, "
+                    f"sequence '{m.sequence}' {searched.id_type.value} ids: they cannot match"
+                )
         # Tables read by sequences are looked up unpooled (EmbeddingCollection), which needs one dimension.
         seq_tables = {f.table for f in self.sequences}
         dims = {t.dim for t in self.tables if t.name in seq_tables}
@@ -216,6 +254,11 @@ class FeatureSpec(_Strict):
         return [f.name for f in self.sparse] + [f.name for f in self.sequences]
 
     @property
+    def dense_width(self) -> int:
+        """Width of the model's dense input: the dense features, then each match feature's outputs."""
+        return len(self.dense) + len(MATCH_OUTPUTS) * len(self.match)
+
+    @property
     def label_columns(self) -> list[str]:
         return list(dict.fromkeys(t.label for t in self.tasks))
 
@@ -230,7 +273,10 @@ class FeatureSpec(_Strict):
 
     def fingerprint(self) -> str:
         """Stable hash of the spec's content, for tags and cache keys."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        data = self.model_dump(mode="json")
+        if not data["match"]:
+            del data["match"]  # specs without match features keep the hash they had before the option existed
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

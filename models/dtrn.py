@@ -371,10 +371,10 @@ class DTRNBottom(nn.Module):
             dropout,
             device,
         )
-        self.dense_field = cfg.trm_dense_field and len(spec.dense) > 0
+        self.dense_field = cfg.trm_dense_field and spec.dense_width > 0
         num_fields = len(self.fields) + int(self.dense_field) + len(self.sequences)
         self.trm = TRM(self.num_tasks, num_fields, cfg.trm_hidden, cfg.trm_activation, device)
-        self.out_dim = sum(field_dims.values()) + len(spec.dense) + len(self.sequences) * self.tim.d_model
+        self.out_dim = sum(field_dims.values()) + spec.dense_width + len(self.sequences) * self.tim.d_model
 
     def interests(self, out: SparseOutput) -> torch.Tensor:
         """u [K, M, B, d]."""

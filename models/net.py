@@ -46,7 +46,7 @@ class PlainBottom(nn.Module):
         self.fields = [f.name for f in spec.sparse]
         self.sequences = [f.name for f in spec.sequences]
         self.num_tasks = len(spec.tasks)
-        self.out_dim = sum(field_dims.values()) + len(self.sequences) * sequence_dim + len(spec.dense)
+        self.out_dim = sum(field_dims.values()) + len(self.sequences) * sequence_dim + spec.dense_width
 
     def forward(self, out: SparseOutput, dense: torch.Tensor) -> list[torch.Tensor]:
         parts = [out.fields[f] for f in self.fields]

@@ -27,6 +27,8 @@ MODEL_DIR_ARTIFACT = "model_dir"
 SERVING_MODULES = (
     "features/__init__.py",
     "features/encode.py",
+    "features/ids.py",
+    "features/match.py",
     "features/spec.py",
     "features/stats.py",
     "models/__init__.py",

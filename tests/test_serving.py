@@ -45,6 +45,11 @@ def small_spec() -> FeatureSpec:
     data = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
     for t in data["tables"]:
         t["num_buckets"] = min(t["num_buckets"], 500)
+    # Match features (computed from the raw rows by the served transform too).
+    data["match"] = [
+        {"name": "item_in_clicks", "candidate": "item_id", "sequence": "click_seq"},
+        {"name": "item_in_carts", "candidate": "item_id", "sequence": "cart_seq"},
+    ]
     return parse_feature_spec(data)
 
 
@@ -82,6 +87,8 @@ def test_serving_model_scores_like_the_torchrec_model(
     data: tuple[FeatureSpec, DenseStats, pa.Table], bottom: str, top: str, head: str, tmp_path: Path
 ) -> None:
     spec, stats, table = data
+    match = BatchTransform(spec, stats).dense_numpy(table)[:, len(spec.dense) :]
+    assert match.shape[1] == 4 and (match[:, 0] > 0).any(), "some candidates are in their user's click history"
     cfg, drgrad = configs(bottom, top, head)
     model = trained_like(spec, cfg, drgrad)
     with torch.no_grad():

@@ -50,7 +50,7 @@ def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
         stats = dense_stats_from_moments([compute_dense_moments(table, spec)], spec)
         batch = BatchTransform(spec, stats)(table.slice(rank * 128, 128))
         model = build_model(spec, ModelConfig(), torch.device("meta"))
-        dmp, plan = shard_model(model, torch.device("cpu"), embedding_sharders("rowwise_adagrad", 0.05))
+        dmp, _ = shard_model(model, torch.device("cpu"), embedding_sharders("rowwise_adagrad", 0.05))
         optimizer = dense_optimizer(dmp, DENSE_LR, table_optimizer="sgd", table_lr=TABLE_LR)
         tables = {n: p for n, p in dmp.named_parameters() if isinstance(p, TableBatchedEmbeddingSlice)}
         before = {n: p.detach().clone() for n, p in tables.items()}
