@@ -1,7 +1,7 @@
 """Count baselines on MovieLens 100K over the pipeline's split: what a model must beat on the evaluation window.
 
     .venv/bin/python -m features.movielens ../shared/data/movielens_100k runs/movielens/data   # once
-    .venv/bin/python -m benchmarks.movielens_baselines   # -m: benchmarks/models.py would shadow the models package
+    .venv/bin/python benchmarks/movielens_baselines.py
 
 Split: the converter's daily partitions, cut as the ingest stage cuts them (``split_windows``): evaluation = the last
 ``--eval-days`` (28) partitions, train = every partition before (the pipeline's validation window included: these

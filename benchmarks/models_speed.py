@@ -1,6 +1,6 @@
 """Training step time and samples/s per architecture on the same batches (one run), plus the parameter report.
 
-    .venv/bin/python benchmarks/models.py --batch-size 512 --steps 30 [--precision bf16]
+    .venv/bin/python benchmarks/models_speed.py --batch-size 512 --steps 30 [--precision bf16]
 
 Generates the quality experiment's logs (seed 0), transforms ``--warmup + --steps`` batches of the last day once,
 then for every architecture (the ``model:`` sections of ``configs/experiments/*.yaml``, plus the combinations without
