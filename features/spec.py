@@ -72,6 +72,11 @@ class SequenceFeature(_Strict):
     table: str
     max_length: int = Field(gt=0)
     id_type: IdType = IdType.int
+    pooling: Literal["mean", "sum", "target_attention"] | None = Field(
+        default=None,
+        description="how the plain bottom pools it (unset: model.sequence_pooling); target_attention weighs each "
+        "position by a DIN-style scorer against the candidate (the single-valued feature on the same table)",
+    )
 
 
 class MatchFeature(_Strict):

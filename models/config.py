@@ -85,7 +85,12 @@ class ModelConfig(_Strict):
     top: Literal["shared_bottom", "mmoe", "cgc", "ple"] = "shared_bottom"
     bottom_mlp: list[int] = Field(default=[128, 64], description="top: shared_bottom's MLP ([] = towers read inputs)")
     tower_mlp: list[int] = [32]
-    sequence_pooling: Literal["mean"] = Field(default="mean", description="bottom: plain's sequence pooling")
+    sequence_pooling: Literal["mean", "sum", "target_attention"] = Field(
+        default="mean",
+        description="bottom: plain's pooling of sequences that set none in the feature spec (target_attention: a "
+        "DIN-style scorer against the candidate item)",
+    )
+    attention_mlp: list[int] = Field(default=[32], description="hidden layers of the plain bottom's attention scorer")
     dropout: float = Field(default=0.0, ge=0, lt=1)
     mmoe: MMoEConfig = MMoEConfig()
     ple: PLEConfig = PLEConfig()

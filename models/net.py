@@ -13,7 +13,7 @@ from torch import nn
 from features.spec import FeatureSpec, TaskKind
 from models.config import ModelConfig
 from models.drgrad import DRGradConfig, SplitTowerHead
-from models.dtrn import DTRNBottom
+from models.dtrn import DTRNBottom, candidate_field
 from models.gradients import build_split_head
 from models.mlp import MLP, masked_mean
 from models.sparse_output import SparseOutput
@@ -37,20 +37,73 @@ def sequence_dim(spec: FeatureSpec) -> int:
     return spec.sequence_tables[0].dim if spec.sequence_tables else 0
 
 
-class PlainBottom(nn.Module):
-    """Every task reads the same vector: [field embeddings, mean-pooled sequences, dense features] (one tensor object,
-    repeated, so that tops run their shared layers once)."""
+class AttentionPool(nn.Module):
+    """DIN-style pooling of one sequence against the candidate: each real position gets ``MLP([h, q, h - q, h * q])``,
+    softmax over the row's real positions, weighted sum. Padding gets weight exactly 0; an empty row pools to 0."""
 
-    def __init__(self, spec: FeatureSpec, field_dims: dict[str, int], sequence_dim: int) -> None:
+    def __init__(self, dim: int, hidden: list[int], device: torch.device | None = None) -> None:
         super().__init__()
+        # Raw TorchRec rows start tiny (uniform +-1/sqrt(rows)): normalising the query keeps the scorer's inputs on
+        # one scale whatever the table size.
+        self.query_norm = nn.LayerNorm(dim, device=device)
+        self.scorer = nn.Sequential(
+            MLP(4 * dim, hidden, 0.0, device), nn.Linear(hidden[-1] if hidden else 4 * dim, 1, device=device)
+        )
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """values [B, L, D], mask [B, L] (True = real), query [B, D] -> [B, D]."""
+        q = self.query_norm(query).unsqueeze(1).expand_as(values)
+        scores = self.scorer(torch.cat([values, q, values - q, values * q], dim=-1)).squeeze(-1)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)  # an all-padding row: uniform * 0 = 0
+        return (weights.unsqueeze(-1) * values).sum(dim=1)
+
+
+class PlainBottom(nn.Module):
+    """Every task reads the same vector: [field embeddings, pooled sequences, dense features] (one tensor object,
+    repeated, so that tops run their shared layers once). Each sequence is pooled by its spec's ``pooling`` (else
+    ``model.sequence_pooling``): mean, sum, or target attention against the candidate on the sequence's table."""
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        field_dims: dict[str, int],
+        sequence_dim: int,
+        cfg: ModelConfig | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = cfg or ModelConfig()
         self.fields = [f.name for f in spec.sparse]
         self.sequences = [f.name for f in spec.sequences]
+        self.pooling = {f.name: f.pooling or cfg.sequence_pooling for f in spec.sequences}
+        self.candidates: dict[str, str] = {}
+        self.attention = nn.ModuleDict()
+        for f in spec.sequences:
+            if self.pooling[f.name] != "target_attention":
+                continue
+            candidate = candidate_field(spec, f.table)
+            if candidate is None:
+                raise ValueError(
+                    f"sequence '{f.name}': pooling target_attention needs a single-valued feature on table "
+                    f"'{f.table}' (the candidate); use pooling: mean or sum"
+                )
+            self.candidates[f.name] = candidate
+            self.attention[f.name] = AttentionPool(sequence_dim, cfg.attention_mlp, device)
         self.num_tasks = len(spec.tasks)
         self.out_dim = sum(field_dims.values()) + len(self.sequences) * sequence_dim + spec.dense_width
 
+    def pool(self, name: str, out: SparseOutput) -> torch.Tensor:
+        values, mask = out.sequences[name]
+        if self.pooling[name] == "target_attention":
+            return self.attention[name](values, mask, out.fields[self.candidates[name]])
+        if self.pooling[name] == "sum":
+            return (values * mask.to(values.dtype).unsqueeze(-1)).sum(dim=1)
+        return masked_mean(values, mask)
+
     def forward(self, out: SparseOutput, dense: torch.Tensor) -> list[torch.Tensor]:
         parts = [out.fields[f] for f in self.fields]
-        parts += [masked_mean(*out.sequences[s]) for s in self.sequences]
+        parts += [self.pool(s, out) for s in self.sequences]
         parts.append(dense)
         return [torch.cat(parts, dim=1)] * self.num_tasks
 
@@ -84,7 +137,7 @@ class MultiTaskNet(nn.Module):
         if cfg.bottom == "dtrn":
             self.bottom = DTRNBottom(spec, dims, seq_dim, cfg.dtrn, cfg.dropout, device)
         else:
-            self.bottom = PlainBottom(spec, dims, seq_dim)
+            self.bottom = PlainBottom(spec, dims, seq_dim, cfg, device)
         self.input_dim = self.bottom.out_dim
         self.top = build_top(cfg, self.input_dim, len(self.task_names), device)
         #: Ordinary per-task towers; empty when the DRGrad head replaces them.

@@ -29,6 +29,7 @@ from models.multitask import (
     parameter_report,
     set_output_bias,
 )
+from models.net import PlainBottom
 from models.tops import PLE, MMoE, SharedBottom
 from pipeline.config import load_config
 from pipeline.local import train_local
@@ -154,6 +155,64 @@ def test_padding_does_not_change_outputs(
             assert empty.any()
             assert torch.all(u[:, m][:, empty] == 0)
             assert torch.all(u[:, m][:, ~empty].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("pooling", ["target_attention", "sum", "mean"])
+def test_plain_bottom_pooling_ignores_padding(
+    pooling: str, batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]
+) -> None:
+    spec = data[0]
+    cfg = ModelConfig.model_validate({**SMALL, "bottom": "plain", "top": "mmoe", "sequence_pooling": pooling})
+    model = seeded_model(spec, cfg).eval()
+    bottom = model.bottom
+    assert isinstance(bottom, PlainBottom)
+    assert set(bottom.attention) == ({f.name for f in spec.sequences} if pooling == "target_attention" else set())
+    with torch.no_grad():
+        out = model.sparse(batch.sparse)
+        reference = bottom(out, batch.dense)[0]
+        for seed, extra in [(0, 0), (1, 7)]:
+            torch.testing.assert_close(
+                bottom(_garbage_padding(out, extra, seed), batch.dense)[0], reference, rtol=1e-5, atol=1e-5
+            )
+        for name in bottom.sequences:  # an empty history pools to 0
+            empty = ~out.sequences[name][1].any(dim=1)
+            assert empty.any() and torch.all(bottom.pool(name, out)[empty] == 0)
+
+
+def test_target_attention_reads_history_relative_to_the_candidate(
+    batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]
+) -> None:
+    """Same history, another candidate: the attention-pooled history changes (with two or more distinct positions the
+    weights depend on the query), the mean-pooled one cannot."""
+    spec = data[0]
+    cfg = ModelConfig.model_validate({**SMALL, "bottom": "plain", "sequence_pooling": "target_attention"})
+    model = seeded_model(spec, cfg).eval()
+    bottom = model.bottom
+    assert isinstance(bottom, PlainBottom)
+    with torch.no_grad():
+        out = model.sparse(batch.sparse)
+        query = torch.randn(out.fields["item_id"].shape, generator=torch.Generator().manual_seed(0))
+        other = SparseOutput(fields={**out.fields, "item_id": query}, sequences=out.sequences)
+        values, mask = out.sequences["click_seq"]
+        distinct = ((values - values[:, :1]).abs().sum(-1) > 0) & mask  # a position unlike the newest one
+        rows = distinct.any(dim=1)
+        changed = (bottom.pool("click_seq", out) - bottom.pool("click_seq", other)).abs().sum(-1)
+        assert rows.sum() > 10 and torch.all(changed[rows] > 0)
+        assert torch.all(changed[~mask.any(dim=1)] == 0)
+
+
+def test_per_sequence_pooling_from_the_spec_and_its_errors(data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
+    raw = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
+    for t in raw["tables"]:
+        t["num_buckets"] = min(t["num_buckets"], 500)
+    raw["sequences"][0]["pooling"] = "target_attention"
+    raw["sequences"][1]["pooling"] = "sum"
+    bottom = build_model(parse_feature_spec(raw), model_cfg("plain", "mmoe")).bottom
+    assert isinstance(bottom, PlainBottom)
+    assert bottom.pooling == {"click_seq": "target_attention", "cart_seq": "sum", "purchase_seq": "mean"}
+    raw["sparse"] = [f for f in raw["sparse"] if f["table"] != "item"]  # no candidate on the item table
+    with pytest.raises(ValueError, match=r"sequence 'click_seq': pooling target_attention needs a single-valued"):
+        build_model(parse_feature_spec(raw), model_cfg("plain", "mmoe"))
 
 
 def test_rows_are_independent_of_the_batch(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:

@@ -34,6 +34,7 @@ BATCH = 128
 SMALL: dict[str, Any] = {
     "bottom_mlp": [32, 16],
     "tower_mlp": [8],
+    "sequence_pooling": "target_attention",  # the plain bottom's scorer must materialise from meta under DMP too
     "mmoe": {"num_experts": 3, "expert_mlp": [16]},
     "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert_mlp": [16]},
     "dtrn": {"num_layers": 2, "ffn_dim": 16, "hyper_hidden": 8, "attention_mlp": [8], "trm_hidden": 4},

@@ -45,6 +45,7 @@ def small_spec() -> FeatureSpec:
     data = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
     for t in data["tables"]:
         t["num_buckets"] = min(t["num_buckets"], 500)
+    data["sequences"][0]["pooling"] = "target_attention"  # the plain bottom's attention scorer is exported too
     # Match features (computed from the raw rows by the served transform too).
     data["match"] = [
         {"name": "item_in_clicks", "candidate": "item_id", "sequence": "click_seq"},
