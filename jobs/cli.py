@@ -75,10 +75,11 @@ def _session(cfg: ExperimentConfig, verbose: bool) -> Iterator[Console]:
 def print_summary(evaluated: object, registered: object | None, out: Console | None = None) -> None:
     from pipeline.evaluate import EvalResult
     from pipeline.register import RegisterResult
+    from pipeline.run import date_span
 
     out = out or console
     assert isinstance(evaluated, EvalResult)
-    table = Table(title=f"Evaluation on {', '.join(evaluated.eval_dates)} ({evaluated.rows:,} rows)")
+    table = Table(title=f"Evaluation on {date_span(evaluated.eval_dates)} ({evaluated.rows:,} rows)")
     for col in ("task", "metric", "value", "oracle"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for name, metric, value, oracle in evaluated.rows_for_table():

@@ -34,6 +34,13 @@ def _days(dates: list[str]) -> str:
     return f"{len(dates)} day{'s' if len(dates) != 1 else ''}"
 
 
+def date_span(dates: list[str]) -> str:
+    """The dates as a reader wants them on one line: listed when few, else first .. last and the count."""
+    if len(dates) <= 3:
+        return ", ".join(dates)
+    return f"{dates[0]} .. {dates[-1]} ({len(dates)} days)"
+
+
 def describe_generated(r: GenerationResult) -> str:
     return f"{r.rows:,} rows in {len(r.files)} files over {len(r.dates)} days; oracle -> {r.oracle_path}"
 
@@ -67,7 +74,7 @@ def describe_trained(r: TrainResult) -> str:
 
 
 def describe_evaluated(r: EvalResult) -> str:
-    return f"{r.rows:,} rows of {', '.join(r.eval_dates)}"
+    return f"{r.rows:,} rows of {date_span(r.eval_dates)}"
 
 
 def describe_registered(r: RegisterResult) -> str:

@@ -96,3 +96,11 @@ def test_logs_without_request_id_train_with_a_yaml_only(cli_run: tuple[Path, sub
     predictions = pq.read_table(run_dir / "eval_predictions.parquet")
     ids = predictions.column("_row_id").to_numpy()
     assert len(set(ids.tolist())) == len(ids) > 0  # one stable id per evaluated row
+
+
+def test_long_windows_print_as_a_span() -> None:
+    from pipeline.run import date_span
+
+    assert date_span(["2026-01-01", "2026-01-02"]) == "2026-01-01, 2026-01-02"
+    days = [f"1998-04-{d:02d}" for d in range(1, 29)]
+    assert date_span(days) == "1998-04-01 .. 1998-04-28 (28 days)"
