@@ -96,7 +96,7 @@ class ArrowEncoder:
         self.spec = spec
         self.stats = stats
         self._keys = [
-            _IdKey(f.name, f.column, spec.table(f.table).num_buckets, f.id_type, None) for f in spec.sparse
+            _IdKey(f.name, f.column, spec.table(f.table).num_buckets, f.id_type, f.max_values) for f in spec.sparse
         ] + [_IdKey(f.name, f.column, spec.table(f.table).num_buckets, f.id_type, f.max_length) for f in spec.sequences]
         assert [k.name for k in self._keys] == spec.sparse_keys
         # Fail at construction, not on the first batch, when the stats do not cover the spec (e.g. a stale file).

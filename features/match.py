@@ -25,9 +25,11 @@ def _flat_ids(data: ArrowData, feature: SparseFeature | SequenceFeature) -> tupl
     """(hashed ids, row of each id, position of each id within its row) of a feature, sequences cut to max_length."""
     n = data.num_rows
     col = _column(data, feature.column, f"match input '{feature.name}'")
-    if isinstance(feature, SparseFeature):
+    if isinstance(feature, SparseFeature) and feature.max_values is None:
         return _hash_uint64(col, feature.id_type), np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    parts = [_sequence_chunk(c, feature.max_length, feature.column) for c in _chunks(col)]
+    limit = feature.max_values if isinstance(feature, SparseFeature) else feature.max_length
+    assert limit is not None
+    parts = [_sequence_chunk(c, limit, feature.column) for c in _chunks(col)]
     lengths = np.concatenate([p[1] for p in parts]).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
     raw = [p[0] for p in parts]
     if not raw or int(lengths.sum()) == 0:

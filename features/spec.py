@@ -54,13 +54,16 @@ class TableSpec(_Strict):
 
 
 class SparseFeature(_Strict):
-    """A single-valued categorical id (user, item, seller, device, ...)."""
+    """A categorical id of the row (user, item, seller, device, ...). With ``max_values`` the column is a list (tags,
+    genres: several ids of the row, unordered) whose first ``max_values`` ids are mean-pooled into one embedding; a
+    missing or empty list pools to zeros. Unlike a behaviour sequence it is one field, never a history."""
 
     name: str
     column: str
     table: str
     id_type: IdType = IdType.int
     role: Literal["user", "item", "seller", "context", "other"] = "other"
+    max_values: int | None = Field(default=None, gt=0, description="multi-valued: a list column, mean-pooled")
 
 
 class SequenceFeature(_Strict):
@@ -226,6 +229,13 @@ class FeatureSpec(_Strict):
                     f"match feature '{m.name}' (#{i}): candidate '{m.candidate}' holds {candidate.id_type.value} ids, "
                     f"sequence '{m.sequence}' {searched.id_type.value} ids: they cannot match"
                 )
+        seq_tables = {f.table for f in self.sequences}
+        for f in self.sparse:
+            if f.max_values is not None and f.table in seq_tables:
+                raise ValueError(
+                    f"multi-valued feature '{f.name}' uses table '{f.table}', which a sequence reads (looked up "
+                    "unpooled); give it a table of its own"
+                )
         # Tables read by sequences are looked up unpooled (EmbeddingCollection), which needs one dimension.
         seq_tables = {f.table for f in self.sequences}
         dims = {t.dim for t in self.tables if t.name in seq_tables}
@@ -247,6 +257,11 @@ class FeatureSpec(_Strict):
         """Tables looked up unpooled: those read by any sequence (their single-valued features too)."""
         names = {f.table for f in self.sequences}
         return [t for t in self.tables if t.name in names]
+
+    @property
+    def mean_pooled_tables(self) -> set[str]:
+        """Pooled tables read by a multi-valued feature: their bags average (one id: the same row as a sum)."""
+        return {f.table for f in self.sparse if f.max_values is not None}
 
     @property
     def pooled_tables(self) -> list[TableSpec]:

@@ -168,7 +168,10 @@ def _column_kinds(spec: FeatureSpec) -> dict[str, list[str]]:
             kinds.setdefault(key, [])
     add(spec.keys.timestamp, TIMESTAMP)
     for f in spec.sparse:
-        add(f.column, STRING if f.id_type == IdType.string else INT)
+        if f.max_values is not None:
+            add(f.column, LIST_STRING if f.id_type == IdType.string else LIST_INT)
+        else:
+            add(f.column, STRING if f.id_type == IdType.string else INT)
     for s in spec.sequences:
         add(s.column, LIST_STRING if s.id_type == IdType.string else LIST_INT)
     for d in spec.dense:
@@ -344,7 +347,8 @@ def _rules(table: pa.Table, spec: FeatureSpec) -> Iterator[tuple[str, np.ndarray
         if key is not None:
             yield from null(key)
     for f in spec.sparse:
-        yield from null(f.column)
+        if f.max_values is None:  # a missing list of a multi-valued feature means "none", like an empty one
+            yield from null(f.column)
     for label in spec.label_columns:
         yield from null(label)
 
@@ -379,6 +383,9 @@ def _rules(table: pa.Table, spec: FeatureSpec) -> Iterator[tuple[str, np.ndarray
     # 7: sequences.
     for s in spec.sequences:
         yield f"null element in {s.column}", _null_element_mask(table.column(s.column))
+    for f in spec.sparse:
+        if f.max_values is not None:
+            yield f"null element in {f.column}", _null_element_mask(table.column(f.column))
 
 
 def validate_rows(table: pa.Table, spec: FeatureSpec, source: str | None = None) -> tuple[pa.Table, pa.Table]:

@@ -55,7 +55,8 @@ class SparseArch(nn.Module):
                         embedding_dim=t.dim,
                         num_embeddings=t.num_buckets,
                         feature_names=features_of[t.name],
-                        pooling=PoolingType.SUM,  # single-valued ids: sum of one row is the row
+                        # Single-valued ids: a bag of one row is the row either way; multi-valued ones average.
+                        pooling=PoolingType.MEAN if t.name in spec.mean_pooled_tables else PoolingType.SUM,
                     )
                     for t in spec.pooled_tables
                 ],

@@ -64,7 +64,12 @@ class ServingSparseArch(nn.Module):
         self.ebc = nn.ModuleDict(
             {
                 "embedding_bags": nn.ModuleDict(
-                    {t.name: nn.EmbeddingBag(t.num_buckets, t.dim, mode="sum") for t in spec.pooled_tables}
+                    {
+                        t.name: nn.EmbeddingBag(
+                            t.num_buckets, t.dim, mode="mean" if t.name in spec.mean_pooled_tables else "sum"
+                        )
+                        for t in spec.pooled_tables
+                    }
                 )
             }
         )

@@ -58,6 +58,8 @@ def _arrow_schema(spec: FeatureSpec) -> pa.Schema:
     fields: dict[str, pa.DataType] = {}
     for f in spec.sparse:
         fields[f.column] = pa.string() if f.id_type == IdType.string else pa.int64()
+        if f.max_values is not None:
+            fields[f.column] = pa.list_(fields[f.column])
     for s in spec.sequences:
         fields[s.column] = pa.list_(pa.string() if s.id_type == IdType.string else pa.int64())
     for d in spec.dense:

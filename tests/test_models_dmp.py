@@ -45,6 +45,9 @@ def _spec() -> FeatureSpec:
     data = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
     for t in data["tables"]:
         t["num_buckets"] = min(t["num_buckets"], 500)
+    # A multi-valued id feature: its table is mean-pooled by the sharded EmbeddingBagCollection.
+    data["tables"].append({"name": "cart_bag", "num_buckets": 300, "dim": 8})
+    data["sparse"].append({"name": "cart_bag", "column": "cart_seq", "table": "cart_bag", "max_values": 10})
     return parse_feature_spec(data)
 
 

@@ -46,6 +46,9 @@ def small_spec() -> FeatureSpec:
     for t in data["tables"]:
         t["num_buckets"] = min(t["num_buckets"], 500)
     data["sequences"][0]["pooling"] = "target_attention"  # the plain bottom's attention scorer is exported too
+    # A multi-valued id feature (a bag of ids, mean-pooled; here the cart history's ids as one field).
+    data["tables"].append({"name": "cart_bag", "num_buckets": 300, "dim": 8})
+    data["sparse"].append({"name": "cart_bag", "column": "cart_seq", "table": "cart_bag", "max_values": 10})
     # Match features (computed from the raw rows by the served transform too).
     data["match"] = [
         {"name": "item_in_clicks", "candidate": "item_id", "sequence": "click_seq"},
