@@ -34,10 +34,9 @@ import pyarrow.compute as pc
 from features.ids import (
     LENGTH_DTYPE,
     ArrowData,
-    _chunks,
     _column,
-    _sequence_chunk,
     hash_ids,
+    list_values,
 )
 from features.match import match_block
 from features.spec import FeatureSpec, IdType, TaskKind
@@ -138,19 +137,12 @@ class ArrowEncoder:
                     raise TypeError(f"column '{key.column}' (id feature '{key.name}'): {err}") from None
                 lengths.append(np.ones(n, dtype=LENGTH_DTYPE))
                 continue
-            parts = [_sequence_chunk(c, key.max_length, key.column) for c in _chunks(col)]
-            raw = [p[0] for p in parts]
-            if not raw:
-                ids: pa.Array | pa.ChunkedArray | np.ndarray = np.empty(0, dtype=np.int64)
-            elif all(isinstance(r, np.ndarray) for r in raw):
-                ids = np.concatenate(raw)  # type: ignore[arg-type]
-            else:
-                ids = pa.chunked_array([pa.array(r) if isinstance(r, np.ndarray) else r for r in raw])
+            ids, key_lengths = list_values(col, key.max_length, key.column)
             try:
                 values.append(hash_ids(ids, key.num_buckets, key.id_type))
             except TypeError as err:
                 raise TypeError(f"column '{key.column}' (sequence '{key.name}'): {err}") from None
-            lengths.append(np.concatenate([p[1] for p in parts]) if parts else np.empty(0, dtype=LENGTH_DTYPE))
+            lengths.append(key_lengths)
         return (
             np.concatenate(values) if values else np.empty(0, dtype=np.int64),
             np.concatenate(lengths) if lengths else np.empty(0, dtype=LENGTH_DTYPE),

@@ -449,7 +449,7 @@ def _history(event: Bool, keys: I64, user_start_keys: I64, item: I64, cap: int) 
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
 
 
-def _clear_partitions(out_dir: Path) -> None:
+def clear_partitions(out_dir: Path) -> None:
     """Remove earlier dt=... folders so a re-run (another seed, fewer days) leaves no stale parts."""
     if out_dir.exists():
         for child in out_dir.iterdir():
@@ -506,7 +506,7 @@ def generate_logs(cfg: GeneratorConfig, out_dir: Path, oracle_path: Path) -> Gen
         schema=LOG_SCHEMA,
     )
 
-    _clear_partitions(out_dir)
+    clear_partitions(out_dir)
     files: list[Path] = []
     dates: list[str] = []
     day_bounds = np.searchsorted(imp.rel_ms, np.arange(cfg.num_days + 1, dtype=np.int64) * MS_PER_DAY)

@@ -171,3 +171,18 @@ def _sequence_chunk(arr: pa.Array, max_length: int, column: str) -> tuple[pa.Arr
     if taken.null_count:
         raise ValueError(f"sequence column '{column}' has {taken.null_count} null id(s) inside its lists")
     return taken, kept.astype(LENGTH_DTYPE)
+
+
+def list_values(
+    col: pa.Array | pa.ChunkedArray, max_length: int, column: str
+) -> tuple[pa.Array | pa.ChunkedArray | np.ndarray, np.ndarray]:
+    """The kept (unhashed) values of a list column over all its chunks, each list cut to its first ``max_length``,
+    and the per-row lengths (``LENGTH_DTYPE``)."""
+    parts = [_sequence_chunk(c, max_length, column) for c in _chunks(col)]
+    lengths = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, dtype=LENGTH_DTYPE)
+    raw = [p[0] for p in parts]
+    if not raw:
+        return np.empty(0, dtype=np.int64), lengths
+    if all(isinstance(r, np.ndarray) for r in raw):
+        return np.concatenate(raw), lengths  # type: ignore[arg-type]
+    return pa.chunked_array([pa.array(r) if isinstance(r, np.ndarray) else r for r in raw]), lengths

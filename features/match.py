@@ -13,9 +13,8 @@ cannot express it, because pooling forgets which ids were there.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
-from features.ids import ArrowData, _chunks, _column, _hash_uint64, _mix64, _sequence_chunk
+from features.ids import ArrowData, _column, _hash_uint64, _mix64, list_values
 from features.spec import MATCH_OUTPUTS, FeatureSpec, SequenceFeature, SparseFeature
 
 _ROW_SALT = np.uint64(0x9E3779B97F4A7C15)
@@ -29,15 +28,10 @@ def _flat_ids(data: ArrowData, feature: SparseFeature | SequenceFeature) -> tupl
         return _hash_uint64(col, feature.id_type), np.arange(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     limit = feature.max_values if isinstance(feature, SparseFeature) else feature.max_length
     assert limit is not None
-    parts = [_sequence_chunk(c, limit, feature.column) for c in _chunks(col)]
-    lengths = np.concatenate([p[1] for p in parts]).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
-    raw = [p[0] for p in parts]
-    if not raw or int(lengths.sum()) == 0:
+    values, kept = list_values(col, limit, feature.column)
+    lengths = kept.astype(np.int64)
+    if int(lengths.sum()) == 0:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    if all(isinstance(r, np.ndarray) for r in raw):
-        values: pa.Array | pa.ChunkedArray | np.ndarray = np.concatenate(raw)  # type: ignore[arg-type]
-    else:
-        values = pa.chunked_array([pa.array(r) if isinstance(r, np.ndarray) else r for r in raw])
     hashed = _hash_uint64(values, feature.id_type)
     rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
     starts = np.cumsum(lengths) - lengths

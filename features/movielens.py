@@ -36,7 +36,6 @@ partitions before it are the validation window of ``configs/experiments/movielen
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.generator import clear_partitions
 from features.spec import IdType
 from features.transform import hash_ids
 from features.validate import SUCCESS_MARKER
@@ -235,14 +235,6 @@ def _arrow(df: pl.DataFrame) -> pa.Table:
     return df.select(SCHEMA.names).to_arrow().cast(SCHEMA)
 
 
-def _clear_partitions(out_dir: Path) -> None:
-    if out_dir.exists():
-        for child in out_dir.iterdir():
-            if child.is_dir() and child.name.startswith("dt="):
-                shutil.rmtree(child)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def convert_movielens(src_dir: Path, out_dir: Path, max_history: int = 50) -> MovieLensConversion:
     """Convert the three files in ``src_dir`` into ``out_dir/dt=YYYY-MM-DD/part-00000.parquet`` + ``_SUCCESS`` (see the
     module). Earlier ``dt=`` folders in ``out_dir`` are removed first. Deterministic: same inputs, same files."""
@@ -251,7 +243,7 @@ def convert_movielens(src_dir: Path, out_dir: Path, max_history: int = 50) -> Mo
     out_dir = Path(out_dir)
     ratings, users, items = read_movielens(src_dir)
     df = build_table(ratings, users, items, max_history)
-    _clear_partitions(out_dir)
+    clear_partitions(out_dir)
     files: dict[str, Path] = {}
     rows: dict[str, int] = {}
     for (date,), part in df.partition_by("dt", as_dict=True, maintain_order=True).items():

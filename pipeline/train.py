@@ -151,11 +151,11 @@ def train(
     from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
     accounting = check_trainable(cfg, ingested)
+    spec = cfg.feature_spec()
     if ingested.validation_files:
-        resolve_monitor(cfg.feature_spec(), cfg.train.validation)  # a wrong metric name fails now, not after epoch 1
+        resolve_monitor(spec, cfg.train.validation)  # a wrong metric name fails now, not after epoch 1
     needs = check_cluster(cfg)  # fails in seconds, naming the shortfall, when the run cannot fit the cluster
     ensure_ray(cfg)
-    spec = cfg.feature_spec()
     logs = log_dir(cfg.run_dir)
     progress_file = logs / TRAIN_PROGRESS_FILE
     progress_file.unlink(missing_ok=True)

@@ -213,14 +213,19 @@ def _validate_epoch(
 ) -> bool:
     """Score the validation shards (all ranks), decide on rank 0, apply the broadcast decision to ``state`` on every
     rank. Returns whether this epoch is the new best."""
-    from pipeline.validation import broadcast_decision, decide, gather_scores, resolve_monitor, score_batches
+    from pipeline.validation import (
+        broadcast_decision,
+        decide,
+        gather_scores,
+        resolve_monitor,
+        score_batches,
+        validation_metrics,
+    )
 
     monitor = resolve_monitor(spec, cfg.train.validation)
     frame = gather_scores(score_batches(parts.model, spec, batches, device))
     decision = None
     if frame is not None:
-        from pipeline.validation import validation_metrics
-
         metrics = validation_metrics(spec, frame)
         decision = decide(monitor, cfg.train.validation, state.epoch, metrics, state.best_value, state.stale_epochs)
     decision = broadcast_decision(decision)
