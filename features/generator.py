@@ -22,8 +22,15 @@ The latent model (everything is drawn from ``cfg.seed``, so the same config give
   quality and bait. Carts: always when purchased, else with a probability that grows with the conversion logit.
 * ``conflict`` makes a nested share of items (``0.25 * conflict``) click-bait: a large click boost but low conversion
   and short dwell, so the CTR task and the CVR / dwell tasks disagree. ``conflict=0`` gives aligned tasks.
+* ``repeat`` (0 = off) adds return behaviour: a share ``REPEAT_SHARE * repeat`` of impressions re-shows an item the
+  user clicked earlier (newest first more likely; a user with no earlier click gets the ordinary draw), and the true
+  logits gain ``repeat * (REPEAT_CLICK_ITEM * clicked before + REPEAT_CLICK_CATEGORY * log1p(earlier clicks in the
+  item's category))`` for clicks and ``repeat * (REPEAT_BUY_ITEM * clicked before + REPEAT_REBUY * bought before)``
+  for purchases. The oracle holds these terms, so match features and target attention have something true to find.
+  Labels then depend on earlier labels, so this path simulates hour by hour (vectorised within the hour): an
+  impression's pull counts the user's events up to the start of its hour.
 * the intercepts ``b``, ``b'`` are solved so that the mean CTR is ``TARGET_CTR`` and the mean CVR among clicks is
-  ``TARGET_CVR``, whatever the other knobs are.
+  ``TARGET_CVR``, whatever the other knobs are (with ``repeat`` on: by bisection over re-runs of the simulation).
 
 Behaviour sequences (``click_seq``, ``cart_seq``, ``purchase_seq``) hold the items the user acted on strictly before
 the impression's timestamp (same-millisecond events excluded), newest first, capped at ``cfg.max_seq_length``; history
@@ -36,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +75,14 @@ class GeneratorConfig(BaseModel):
         default=0.5, ge=0, le=1, description="share/strength of click-bait items: 0 = aligned tasks"
     )
     max_seq_length: int = Field(default=50, gt=0, description="cap on each behaviour sequence written to the logs")
+    repeat: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="users return to their own history: a share of impressions re-shows an item the user clicked "
+        "before, and earlier clicks / purchases of the item and clicks in its category raise click and purchase "
+        "odds; 0 = none",
+    )
 
 
 F64 = npt.NDArray[np.float64]
@@ -104,8 +120,16 @@ _DWELL_SIGMA = 0.5
 _DWELL_TRUNC = 2.5  # |noise| <= 2.5 sigma: keeps log1p(dwell) > 0 and, being symmetric, the mean exactly mu
 _DWELL_MU_RANGE = (1.5, 5.5)  # mu - 2.5 * 0.5 >= 0.25, so dwell >= expm1(0.25) > 0
 
+# Return behaviour (``repeat``): share of re-shown items and the pull of the user's own history, per unit of repeat.
+REPEAT_SHARE = 0.3
+REPEAT_CLICK_ITEM = 1.5
+REPEAT_CLICK_CATEGORY = 0.5
+REPEAT_BUY_ITEM = 0.8
+REPEAT_REBUY = 1.5
+_REPEAT_RECENCY = 0.3  # a re-shown item is the k-th newest earlier click with probability ~ 0.3 * 0.7**k
+
 # Independent random streams, so e.g. changing impressions_per_day leaves the latent world unchanged.
-_STREAM_WORLD, _STREAM_IMPRESSIONS, _STREAM_LABELS, _STREAM_FEATURES = 1, 2, 3, 4
+_STREAM_WORLD, _STREAM_IMPRESSIONS, _STREAM_LABELS, _STREAM_FEATURES, _STREAM_REPEAT = 1, 2, 3, 4, 5
 
 LOG_SCHEMA = pa.schema(
     [
@@ -349,59 +373,196 @@ def _sample_impressions(cfg: GeneratorConfig, world: _World) -> _Impressions:
     )
 
 
-def _truth(cfg: GeneratorConfig, world: _World, imp: _Impressions) -> _Truth:
-    """The true per-impression probabilities (the oracle)."""
-    u, i = imp.user, imp.item
-    match = 1.2 * np.einsum("nd,nd->n", world.interest[u], world.embedding[i])
-    conv_match = 1.2 * np.einsum("nd,nd->n", world.conv_interest[u], world.embedding[i])
-    bait = world.bait[i].astype(np.float64)
+@dataclass(frozen=True)
+class _Logits:
+    """Per-impression logits without their intercepts (and without the pull of the user's own history)."""
+
+    click: F64
+    conversion: F64
+    dwell_mu: F64  # before clipping
+    item_click: F64  # [I] the item terms of the click logit
+    context_click_mean: float
+
+
+def _logits(cfg: GeneratorConfig, world: _World, user: I64, item: I64, slot: I64, hour: I64, device: I64) -> _Logits:
+    match = 1.2 * np.einsum("nd,nd->n", world.interest[user], world.embedding[item])
+    conv_match = 1.2 * np.einsum("nd,nd->n", world.conv_interest[user], world.embedding[item])
+    bait = world.bait[item].astype(np.float64)
     c = cfg.conflict
 
     item_click = 0.25 * world.log_pop_z + 0.4 * world.quality + (1.0 + 1.5 * c) * world.bait
     context_click = (
-        match
-        + world.user_click[u]
-        - _POSITION_BIAS * np.log1p(imp.slot)
-        + _HOUR_CLICK[imp.hour]
-        + _DEVICE_CLICK[imp.device]
+        match + world.user_click[user] - _POSITION_BIAS * np.log1p(slot) + _HOUR_CLICK[hour] + _DEVICE_CLICK[device]
     )
-    z_click = item_click[i] + context_click
-    b_click = _solve_intercept(z_click, TARGET_CTR)
-    p_click = _sigmoid(z_click + b_click)
-
     z_conv = (
         conv_match
-        + 0.6 * world.quality[i]
-        + 0.5 * world.seller_trust[i]
-        - 0.5 * world.rel_log_price[i]
-        + world.user_buy[u]
-        + _DEVICE_CONV[imp.device]
+        + 0.6 * world.quality[item]
+        + 0.5 * world.seller_trust[item]
+        - 0.5 * world.rel_log_price[item]
+        + world.user_buy[user]
+        + _DEVICE_CONV[device]
         - (1.5 + 1.5 * c) * bait
     )
-    b_conv = _solve_intercept(z_conv, TARGET_CVR, weights=p_click)  # CVR is a rate among clicks
-    conv_logit = z_conv + b_conv
-
-    mu = 2.8 + 0.3 * match + 0.25 * world.quality[i] + _DEVICE_DWELL[imp.device] - (0.8 + 0.8 * c) * bait
-    return _Truth(
-        p_click=p_click,
-        p_conversion=_sigmoid(conv_logit),
-        conv_logit=conv_logit,
-        dwell_log_mean=np.clip(mu, *_DWELL_MU_RANGE),
-        item_click_base=_sigmoid(b_click + item_click + float(context_click.mean())),
+    mu = 2.8 + 0.3 * match + 0.25 * world.quality[item] + _DEVICE_DWELL[device] - (0.8 + 0.8 * c) * bait
+    return _Logits(
+        click=item_click[item] + context_click,
+        conversion=z_conv,
+        dwell_mu=mu,
+        item_click=item_click,
+        context_click_mean=float(context_click.mean()) if len(context_click) else 0.0,
     )
 
 
-def _draw_labels(cfg: GeneratorConfig, truth: _Truth) -> tuple[Bool, Bool, Bool, F64]:
-    """click, cart, conversion, dwell drawn from exactly the oracle's probabilities."""
+@dataclass(frozen=True)
+class _Draws:
+    """The label stream's uniforms and noise, drawn once so that a simulation can consume them in any order."""
+
+    click: F64
+    conversion: F64
+    cart: F64
+    dwell_noise: F64
+
+
+def _label_draws(cfg: GeneratorConfig, n: int) -> _Draws:
     rng = _rng(cfg.seed, _STREAM_LABELS)
-    n = len(truth.p_click)
-    click = rng.random(n) < truth.p_click
-    conversion = click & (rng.random(n) < truth.p_conversion)
+    click, conversion, cart = rng.random(n), rng.random(n), rng.random(n)
+    return _Draws(click, conversion, cart, np.clip(rng.normal(0.0, 1.0, size=n), -_DWELL_TRUNC, _DWELL_TRUNC))
+
+
+def _truth(
+    cfg: GeneratorConfig,
+    world: _World,
+    imp: _Impressions,
+    click_add: F64 | float = 0.0,
+    conv_add: F64 | float = 0.0,
+    intercepts: tuple[float, float] | None = None,
+) -> _Truth:
+    """The true per-impression probabilities (the oracle); ``*_add`` are the history terms (0 without repeat).
+
+    The intercepts are solved for TARGET_CTR / TARGET_CVR unless given."""
+    z = _logits(cfg, world, imp.user, imp.item, imp.slot, imp.hour, imp.device)
+    z_click = z.click + click_add
+    z_conv = z.conversion + conv_add
+    if intercepts is None:
+        b_click = _solve_intercept(z_click, TARGET_CTR)
+        b_conv = _solve_intercept(z_conv, TARGET_CVR, weights=_sigmoid(z_click + b_click))  # a rate among clicks
+    else:
+        b_click, b_conv = intercepts
+    p_click = _sigmoid(z_click + b_click)
+    return _Truth(
+        p_click=p_click,
+        p_conversion=_sigmoid(z_conv + b_conv),
+        conv_logit=z_conv + b_conv,
+        dwell_log_mean=np.clip(z.dwell_mu, *_DWELL_MU_RANGE),
+        item_click_base=_sigmoid(b_click + z.item_click + z.context_click_mean),
+    )
+
+
+def _draw_labels(truth: _Truth, draws: _Draws) -> tuple[Bool, Bool, Bool, F64]:
+    """click, cart, conversion, dwell drawn from exactly the oracle's probabilities."""
+    click = draws.click < truth.p_click
+    conversion = click & (draws.conversion < truth.p_conversion)
     # Carted: always when purchased; otherwise more likely for items the user nearly bought.
-    cart = conversion | (click & (rng.random(n) < _sigmoid(truth.conv_logit + 1.2)))
-    noise = np.clip(rng.normal(0.0, 1.0, size=n), -_DWELL_TRUNC, _DWELL_TRUNC)
-    dwell = np.where(click, np.expm1(truth.dwell_log_mean + _DWELL_SIGMA * noise), 0.0)
+    cart = conversion | (click & (draws.cart < _sigmoid(truth.conv_logit + 1.2)))
+    dwell = np.where(click, np.expm1(truth.dwell_log_mean + _DWELL_SIGMA * draws.dwell_noise), 0.0)
     return click, cart, conversion, dwell
+
+
+def _count_in(sorted_keys: I64, keys: I64) -> I64:
+    return (np.searchsorted(sorted_keys, keys, side="right") - np.searchsorted(sorted_keys, keys, side="left")).astype(
+        np.int64
+    )
+
+
+def _simulate_repeats(
+    cfg: GeneratorConfig, world: _World, imp: _Impressions, draws: _Draws, b_click: float, b_conv: float
+) -> tuple[I64, F64, F64]:
+    """Hour by hour: re-shown items and the history terms of the logits (items, click_add, conv_add).
+
+    Within an hour everything is vectorised; the state (the users' clicks and purchases so far) is updated at the
+    end of each hour from the labels drawn with ``draws`` at intercepts ``b_click``, ``b_conv``.
+    """
+    rng = _rng(cfg.seed, _STREAM_REPEAT)
+    n = len(imp.user)
+    is_repeat = rng.random(n) < REPEAT_SHARE * cfg.repeat
+    back = rng.geometric(_REPEAT_RECENCY, size=n).astype(np.int64) - 1  # 0 = the newest earlier click
+    items = imp.item.copy()
+    click_add, conv_add = np.zeros(n), np.zeros(n)
+    n_items, n_cats = np.int64(cfg.num_items), np.int64(cfg.num_categories)
+    clicked_user, clicked_item = np.zeros(0, np.int64), np.zeros(0, np.int64)  # in time order
+    clicked_pairs, clicked_cats, bought_pairs = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    hours = cfg.num_days * 24
+    bounds = np.searchsorted(imp.rel_ms, np.arange(hours + 1, dtype=np.int64) * MS_PER_HOUR)
+    for h in range(hours):
+        rows = np.arange(bounds[h], bounds[h + 1])
+        if len(rows) == 0:
+            continue
+        user = imp.user[rows]
+        # Re-shown items: the back-th newest of the user's earlier clicks (clamped to the oldest).
+        by_user = np.argsort(clicked_user, kind="stable")  # stable: time order within a user
+        users_sorted, items_sorted = clicked_user[by_user], clicked_item[by_user]
+        first = np.searchsorted(users_sorted, user, side="left")
+        last = np.searchsorted(users_sorted, user, side="right")
+        take = is_repeat[rows] & (last > first)
+        pick = last[take] - 1 - np.minimum(back[rows][take], last[take] - first[take] - 1)
+        items[rows[take]] = items_sorted[pick]
+        item = items[rows]
+
+        pair = user * n_items + item
+        before = np.isin(pair, clicked_pairs).astype(np.float64)
+        rebuy = np.isin(pair, bought_pairs).astype(np.float64)
+        in_category = _count_in(clicked_cats, user * n_cats + world.category[item]).astype(np.float64)
+        click_add[rows] = cfg.repeat * (REPEAT_CLICK_ITEM * before + REPEAT_CLICK_CATEGORY * np.log1p(in_category))
+        conv_add[rows] = cfg.repeat * (REPEAT_BUY_ITEM * before + REPEAT_REBUY * rebuy)
+
+        z = _logits(cfg, world, user, item, imp.slot[rows], imp.hour[rows], imp.device[rows])
+        click = draws.click[rows] < _sigmoid(z.click + click_add[rows] + b_click)
+        bought = click & (draws.conversion[rows] < _sigmoid(z.conversion + conv_add[rows] + b_conv))
+
+        clicked_user = np.concatenate([clicked_user, user[click]])
+        clicked_item = np.concatenate([clicked_item, item[click]])
+        clicked_pairs = np.sort(np.concatenate([clicked_pairs, pair[click]]))
+        clicked_cats = np.sort(np.concatenate([clicked_cats, (user * n_cats + world.category[item])[click]]))
+        bought_pairs = np.sort(np.concatenate([bought_pairs, pair[bought]]))
+    return items, click_add, conv_add
+
+
+def _root(f: Callable[[float], float], lo: float, hi: float, tol: float = 2e-3) -> float:
+    """A root of an increasing f in [lo, hi] by bisection (f is a simulation: noisy in its last digits, monotone
+    overall, so no derivative-based step is safe)."""
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if f(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _with_repeats(cfg: GeneratorConfig, world: _World, imp: _Impressions, draws: _Draws) -> tuple[_Impressions, _Truth]:
+    """The impressions with re-shown items and their truth.
+
+    Clicks feed re-shown items, which draw more clicks, so the intercepts that give TARGET_CTR / TARGET_CVR are
+    found by re-running the simulation: first the click intercept (clicks do not depend on purchases), then the
+    purchase one. The last simulation's labels are the ones kept.
+    """
+    fresh = _logits(cfg, world, imp.user, imp.item, imp.slot, imp.hour, imp.device)
+    b_click = _solve_intercept(fresh.click, TARGET_CTR)
+    b_conv = _solve_intercept(fresh.conversion, TARGET_CVR, weights=_sigmoid(fresh.click + b_click))
+
+    def rates(bc: float, bv: float) -> tuple[float, float]:
+        items, click_add, conv_add = _simulate_repeats(cfg, world, imp, draws, bc, bv)
+        z = _logits(cfg, world, imp.user, items, imp.slot, imp.hour, imp.device)
+        p_click = _sigmoid(z.click + click_add + bc)
+        p_conv = _sigmoid(z.conversion + conv_add + bv)
+        return float(p_click.mean()), float((p_click * p_conv).sum() / p_click.sum())
+
+    # The history terms only add to the logits: at the fresh intercepts the rates are at or above their targets.
+    b_click = _root(lambda b: np.log(rates(b, b_conv)[0] / TARGET_CTR), b_click - 6.0, b_click)
+    b_conv = _root(lambda b: np.log(rates(b_click, b)[1] / TARGET_CVR), b_conv - 6.0, b_conv + 2.0)
+    items, click_add, conv_add = _simulate_repeats(cfg, world, imp, draws, b_click, b_conv)
+    shown = _Impressions(imp.rel_ms, imp.user, items, imp.slot, imp.device, imp.hour)
+    return shown, _truth(cfg, world, shown, click_add, conv_add, intercepts=(b_click, b_conv))
 
 
 def _item_ctr_7d(cfg: GeneratorConfig, world: _World, truth: _Truth, imp: _Impressions) -> F64:
@@ -468,8 +629,12 @@ def generate_logs(cfg: GeneratorConfig, out_dir: Path, oracle_path: Path) -> Gen
     out_dir, oracle_path = Path(out_dir), Path(oracle_path)
     world = _build_world(cfg)
     imp = _sample_impressions(cfg, world)
-    truth = _truth(cfg, world, imp)
-    click, cart, conversion, dwell = _draw_labels(cfg, truth)
+    draws = _label_draws(cfg, len(imp.user))
+    if cfg.repeat > 0:
+        imp, truth = _with_repeats(cfg, world, imp, draws)
+    else:
+        truth = _truth(cfg, world, imp)
+    click, cart, conversion, dwell = _draw_labels(truth, draws)
     n = len(imp.user)
 
     # One sortable key per (user, ts): the span exceeds every relative ts, so keys order by user, then time.

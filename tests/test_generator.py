@@ -144,7 +144,7 @@ def test_sequences_match_slow_reference(small: tuple[GenerationResult, pa.Table,
     # Cart events are not a log column; rebuild them from the generator's own label draw.
     world = gen._build_world(SMALL)
     imp = gen._sample_impressions(SMALL, world)
-    click, cart, conversion, _ = gen._draw_labels(SMALL, gen._truth(SMALL, world, imp))
+    click, cart, conversion, _ = gen._draw_labels(gen._truth(SMALL, world, imp), gen._label_draws(SMALL, len(imp.user)))
     assert np.array_equal(click, logs["click"].to_numpy() == 1)
     assert np.array_equal(conversion, logs["conversion"].to_numpy() == 1)
     assert np.all(cart[conversion]) and not np.any(cart & ~click)
@@ -226,3 +226,27 @@ def test_conflict_decorrelates_click_and_conversion(tmp_path: Path) -> None:
     conflicting = _item_corr(base.model_copy(update={"conflict": 1.0}), tmp_path / "conflicting")
     assert aligned > 0.2
     assert aligned - conflicting > 0.3, (aligned, conflicting)
+
+
+def test_repeat_knob_returns_users_to_their_history(
+    tmp_path: Path, small: tuple[GenerationResult, pa.Table, pa.Table]
+) -> None:
+    _, logs_off, _ = small
+    cfg = SMALL.model_copy(update={"repeat": 1.0})
+    _, logs, oracle = _run(cfg, tmp_path / "repeat")
+    _, logs_again, _ = _run(cfg, tmp_path / "again")
+    assert logs_again.equals(logs)  # deterministic with the knob on too
+
+    def in_click_history(table: pa.Table) -> np.ndarray:
+        items, seqs = table["item_id"].to_pylist(), table["click_seq"].to_pylist()
+        return np.array([item in (seq or []) for item, seq in zip(items, seqs, strict=True)])
+
+    hit, hit_off = in_click_history(logs), in_click_history(logs_off)
+    assert hit.mean() > 1.5 * hit_off.mean()  # items re-shown from the user's own clicks
+    p_click = oracle["p_click"].to_numpy()
+    click = logs["click"].to_numpy().astype(bool)
+    # The oracle holds the pull of the history: re-shown clicked items are likelier clicks, and the labels agree.
+    assert p_click[hit].mean() > 2 * p_click[~hit].mean()
+    assert click[hit].mean() > 2 * click[~hit].mean()
+    # The intercepts are re-solved: the mean CTR stays near its target.
+    assert abs(p_click.mean() - gen.TARGET_CTR) < 0.1 * gen.TARGET_CTR
