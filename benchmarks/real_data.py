@@ -61,10 +61,6 @@ def _mean_pooling(spec: dict[str, Any]) -> None:
         seq.pop("pooling", None)
 
 
-def _no_match(spec: dict[str, Any]) -> None:
-    spec.pop("match", None)
-
-
 def _movielens_baselines() -> dict[str, tuple[str, float]]:
     recorded = json.loads((ROOT / "benchmarks/results/movielens_baselines.json").read_text())["baselines"]
     return {
@@ -92,7 +88,6 @@ DATASETS: dict[str, Dataset] = {
         variants={
             "shipped": Variant("the shipped configuration"),
             "mean_pooling": Variant("histories mean-pooled instead of target attention", spec_edit=_mean_pooling),
-            "no_match": Variant("without the match features", spec_edit=_no_match),
             "ple": Variant("PLE top instead of MMoE", sets=("model.top=ple",)),
             "dtrn_mmoe": Variant("DTRN bottom", sets=("model.bottom=dtrn",)),
             "pcgrad": Variant("PCGrad", sets=("gradients.method=pcgrad",)),
@@ -119,10 +114,6 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
-def _load_average() -> float:
-    return os.getloadavg()[0]
-
-
 def _run_one(data: str, ds: Dataset, name: str, variant: Variant, seed: int) -> dict[str, Any]:
     run_dir = ROOT / "runs" / "real" / data / name / f"s{seed}"
     record_path = run_dir / "record.json"
@@ -141,7 +132,7 @@ def _run_one(data: str, ds: Dataset, name: str, variant: Variant, seed: int) -> 
     command = [sys.executable, "-m", "jobs.cli", "run", "--config", ds.config]
     for s in sets:
         command += ["--set", s]
-    load_before = _load_average()
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     with (run_dir / "console.log").open("w") as log:
         proc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -164,7 +155,7 @@ def _run_one(data: str, ds: Dataset, name: str, variant: Variant, seed: int) -> 
         "epochs": trained.get("epochs", 0),
         "validation": trained.get("validation", []),
         "wall_s": round(wall, 1),
-        "load_average": [round(load_before, 2), round(_load_average(), 2)],
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     record_path.write_text(json.dumps(record, indent=2))
     return record

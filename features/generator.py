@@ -44,7 +44,7 @@ import datetime as dt
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -521,9 +521,9 @@ def _simulate_repeats(
 
         clicked_user = np.concatenate([clicked_user, user[click]])
         clicked_item = np.concatenate([clicked_item, item[click]])
-        clicked_pairs = np.sort(np.concatenate([clicked_pairs, pair[click]]))
+        clicked_pairs = np.concatenate([clicked_pairs, pair[click]])  # read by isin: any order
         clicked_cats = np.sort(np.concatenate([clicked_cats, (user * n_cats + world.category[item])[click]]))
-        bought_pairs = np.sort(np.concatenate([bought_pairs, pair[bought]]))
+        bought_pairs = np.concatenate([bought_pairs, pair[bought]])
     return items, click_add, conv_add
 
 
@@ -561,7 +561,7 @@ def _with_repeats(cfg: GeneratorConfig, world: _World, imp: _Impressions, draws:
     b_click = _root(lambda b: np.log(rates(b, b_conv)[0] / TARGET_CTR), b_click - 6.0, b_click)
     b_conv = _root(lambda b: np.log(rates(b_click, b)[1] / TARGET_CVR), b_conv - 6.0, b_conv + 2.0)
     items, click_add, conv_add = _simulate_repeats(cfg, world, imp, draws, b_click, b_conv)
-    shown = _Impressions(imp.rel_ms, imp.user, items, imp.slot, imp.device, imp.hour)
+    shown = replace(imp, item=items)
     return shown, _truth(cfg, world, shown, click_add, conv_add, intercepts=(b_click, b_conv))
 
 
