@@ -7,7 +7,8 @@ Our reading of the method (``/work/shared/reference/methods.md`` section 2); the
 A hypernetwork maps (task embedding t_k, type embedding b_m) to the gamma and beta of every LayerNorm of that encoder,
 ``CLN_km(x) = gamma_km * norm(x) + beta_km``; attention and FFN weights are shared. Each behaviour sequence is
 encoded once per task with its type's generated LayerNorms and pooled into the interest vector u_km, by DIN-style
-target attention with the candidate item (default) or by a masked mean.
+target attention with the candidate item (default) or by a masked mean or sum (a sequence's own ``pooling`` in
+the feature spec overrides ``dtrn.pooling``).
 
 **TRM** (task-specific representation refinement). For task k the fields E = [user, item, context fields, dense,
 u_k1 .. u_kM] are reweighted SENet-style: ``z_i = mean(e_i)``, ``a_k = act(W2_k relu(W1_k z))``, ``e_i^k = a_k,i e_i``;
@@ -29,6 +30,7 @@ there is no ``nn.MultiheadAttention`` here: its init is ``_reset_parameters`` an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,8 +226,10 @@ class TIM(nn.Module):
         cfg: DTRNConfig,
         dropout: float = 0.0,
         device: torch.device | None = None,
+        poolings: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        poolings = poolings if poolings is not None else [cfg.pooling] * len(behaviour_types)
         self.types = list(behaviour_types)
         self.num_tasks = num_tasks
         self.d_model = cfg.d_model or seq_dim
@@ -248,7 +252,8 @@ class TIM(nn.Module):
             cfg.hyper_init_std,
             device,
         )
-        self.pool = TargetAttention(d, cfg.attention_mlp, device) if cfg.pooling == "target_attention" else None
+        self.pool = TargetAttention(d, cfg.attention_mlp, device) if "target_attention" in poolings else None
+        self.poolings = list(poolings)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_proj is None else self.input_proj(x)
@@ -276,20 +281,22 @@ class TIM(nn.Module):
         queries: list[torch.Tensor | None],
     ) -> torch.Tensor:
         """sequences: ([B, L, d_in], mask [B, L]) each; types: index into ``behaviour_types`` each; queries: the
-        candidate item [B, d_in] for each sequence (target attention). Returns interests [K, M, B, d]."""
+        candidate item [B, d_in] for each sequence pooled by target attention (None for the others). Returns
+        interests [K, M, B, d]."""
         gamma, beta = self.hyper()  # [K, T, num_norms, d]
         pooled = []
-        for (seq, mask), t, query in zip(sequences, types, queries, strict=True):
+        for i, ((seq, mask), t, query) in enumerate(zip(sequences, types, queries, strict=True)):
             tokens, index = self.encode(seq, mask, gamma[:, t], beta[:, t])
             b, length = mask.shape
             rows = torch.div(index, length, rounding_mode="floor")
-            if self.pool is None:
-                total = tokens.new_zeros(tokens.shape[0], b, self.d_model).index_add(1, rows, tokens)
-                count = mask.sum(dim=1).clamp_min(1).to(tokens.dtype)
-                pooled.append(total / count[None, :, None])
-            else:
-                assert query is not None
+            if self.poolings[i] == "target_attention":
+                assert query is not None and self.pool is not None
                 pooled.append(self.pool(tokens, rows, index, self.project(query), length))
+                continue
+            total = tokens.new_zeros(tokens.shape[0], b, self.d_model).index_add(1, rows, tokens)
+            if self.poolings[i] == "mean":
+                total = total / mask.sum(dim=1).clamp_min(1).to(tokens.dtype)[None, :, None]
+            pooled.append(total)
         return torch.stack(pooled, dim=1)
 
 
@@ -354,14 +361,24 @@ class DTRNBottom(nn.Module):
         self.sequences = [f.name for f in spec.sequences]
         behaviours = spec.behaviours
         self.types = [behaviours.index(f.behaviour) for f in spec.sequences]
-        self.candidates = [candidate_field(spec, f.table) for f in spec.sequences]
-        if cfg.pooling == "target_attention":
-            missing = [s for s, c in zip(self.sequences, self.candidates, strict=True) if c is None]
-            if missing:
-                raise ValueError(
-                    f"dtrn.pooling: target_attention needs a single-valued feature on the table of {missing} "
-                    "(the candidate item); use dtrn.pooling: mean"
-                )
+        # A sequence's own `pooling` in the feature spec wins over dtrn.pooling, as in the plain bottom: a bag of
+        # the candidate's genres has no candidate to attend with and says `pooling: mean`.
+        self.poolings = [f.pooling or cfg.pooling for f in spec.sequences]
+        self.candidates = [
+            candidate_field(spec, f.table) if p == "target_attention" else None
+            for f, p in zip(spec.sequences, self.poolings, strict=True)
+        ]
+        missing = [
+            s
+            for s, p, c in zip(self.sequences, self.poolings, self.candidates, strict=True)
+            if p == "target_attention" and c is None
+        ]
+        if missing:
+            raise ValueError(
+                f"bottom: dtrn pools {missing} by target attention, which needs a single-valued feature on the "
+                "sequence's table (the candidate item); set `pooling: mean` on the sequence in the feature spec, or "
+                "dtrn.pooling: mean"
+            )
         self.tim = TIM(
             self.num_tasks,
             behaviours,
@@ -370,6 +387,7 @@ class DTRNBottom(nn.Module):
             cfg,
             dropout,
             device,
+            self.poolings,
         )
         self.dense_field = cfg.trm_dense_field and spec.dense_width > 0
         num_fields = len(self.fields) + int(self.dense_field) + len(self.sequences)
@@ -378,7 +396,7 @@ class DTRNBottom(nn.Module):
 
     def interests(self, out: SparseOutput) -> torch.Tensor:
         """u [K, M, B, d]."""
-        queries = [out.fields[c] if c is not None and self.tim.pool is not None else None for c in self.candidates]
+        queries = [out.fields[c] if c is not None else None for c in self.candidates]
         return self.tim([out.sequences[s] for s in self.sequences], self.types, queries)
 
     def task_fields(

@@ -215,6 +215,45 @@ def test_per_sequence_pooling_from_the_spec_and_its_errors(data: tuple[FeatureSp
         build_model(parse_feature_spec(raw), model_cfg("plain", "mmoe"))
 
 
+def test_dtrn_pools_each_sequence_as_its_spec_says(batch: Batch) -> None:
+    """A sequence's own `pooling` overrides dtrn.pooling; a sequence with no candidate item on its table (a bag of
+    the candidate's genres) can be mean-pooled, and asking target attention of it is an error that names it."""
+    raw = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
+    for t in raw["tables"]:
+        t["num_buckets"] = min(t["num_buckets"], 500)
+    raw["sequences"][1]["pooling"] = "sum"
+    raw["sequences"][2]["pooling"] = "mean"
+    summed = seeded_model(parse_feature_spec(raw), model_cfg("dtrn", "mmoe")).eval()
+    assert isinstance(summed.bottom, DTRNBottom)
+    assert summed.bottom.poolings == ["target_attention", "sum", "mean"]
+    assert summed.bottom.candidates == ["item_id", None, None]
+    raw["sequences"][1]["pooling"] = "mean"
+    meaned = seeded_model(parse_feature_spec(raw), model_cfg("dtrn", "mmoe")).eval()
+    assert isinstance(meaned.bottom, DTRNBottom)
+    with torch.no_grad():
+        u_sum = summed.bottom.interests(summed.sparse(batch.sparse))
+        u_mean = meaned.bottom.interests(meaned.sparse(batch.sparse))
+    count = batch.sparse.to_dict()["cart_seq"].lengths().clamp_min(1).to(u_sum.dtype)
+    assert int(count.max()) > 1
+    torch.testing.assert_close(u_sum[:, 1], u_mean[:, 1] * count[None, :, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u_sum[:, [0, 2]], u_mean[:, [0, 2]])
+
+    raw["sparse"] = [f for f in raw["sparse"] if f["table"] != "item"]  # no candidate for any sequence
+    with pytest.raises(ValueError, match=r"bottom: dtrn pools \['click_seq'\] by target attention"):
+        build_model(parse_feature_spec(raw), model_cfg("dtrn", "mmoe"))
+    raw["sequences"][0]["pooling"] = "mean"
+    assert isinstance(build_model(parse_feature_spec(raw), model_cfg("dtrn", "mmoe")).bottom, DTRNBottom)
+
+
+def test_dtrn_builds_on_the_movielens_spec() -> None:
+    """The MovieLens spec's bag of genres says `pooling: mean`, so bottom: dtrn attends only over the histories."""
+    spec = load_feature_spec(REPO / "configs/features/movielens.yaml")
+    bottom = build_model(spec, model_cfg("dtrn", "mmoe")).bottom
+    assert isinstance(bottom, DTRNBottom)
+    assert dict(zip(bottom.sequences, bottom.poolings, strict=True))["genres"] == "mean"
+    assert bottom.candidates == ["movie_id", "movie_id", "movie_id", None]
+
+
 def test_rows_are_independent_of_the_batch(batch: Batch, data: tuple[FeatureSpec, DenseStats, pa.Table]) -> None:
     """A row's prediction does not depend on the other rows (e.g. via the batch's longest sequence)."""
     spec, stats, table = data
