@@ -34,8 +34,10 @@ The latent model (everything is drawn from ``cfg.seed``, so the same config give
 
 Behaviour sequences (``click_seq``, ``cart_seq``, ``purchase_seq``) hold the items the user acted on strictly before
 the impression's timestamp (same-millisecond events excluded), newest first, capped at ``cfg.max_seq_length``; history
-accumulates across days. Everything is vectorised numpy: labels do not depend on the sequences, so all labels are
-drawn first and the sequences are then cut out of per-user event arrays with ``searchsorted``.
+accumulates across days. ``click_category_seq`` holds the categories of ``click_seq``'s items, position by position
+(what a "category in the user's click history" match feature reads). Everything is vectorised numpy: labels do not
+depend on the sequences, so all labels are drawn first and the sequences are then cut out of per-user event arrays
+with ``searchsorted``.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ LOG_SCHEMA = pa.schema(
         ("click_seq", pa.list_(pa.int64())),
         ("cart_seq", pa.list_(pa.int64())),
         ("purchase_seq", pa.list_(pa.int64())),
+        ("click_category_seq", pa.list_(pa.int64())),
         ("click", pa.int8()),
         ("conversion", pa.int8()),
         ("dwell_seconds", pa.float32()),
@@ -664,6 +667,7 @@ def generate_logs(cfg: GeneratorConfig, out_dir: Path, oracle_path: Path) -> Gen
             _history(click, keys, user_start_keys, imp.item, cap),
             _history(cart, keys, user_start_keys, imp.item, cap),
             _history(conversion, keys, user_start_keys, imp.item, cap),
+            _history(click, keys, user_start_keys, world.category[imp.item], cap),
             pa.array(click.astype(np.int8)),
             pa.array(conversion.astype(np.int8)),
             pa.array(dwell.astype(np.float32)),

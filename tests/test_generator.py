@@ -156,6 +156,10 @@ def test_sequences_match_slow_reference(small: tuple[GenerationResult, pa.Table,
         assert got == expected[name], name
     lengths = [len(s) for s in logs["click_seq"].to_pylist()]
     assert max(lengths) == SMALL.max_seq_length  # the cap binds in this config
+    # click_category_seq: the category of each click_seq item, position by position.
+    category = dict(zip(logs["item_id"].to_pylist(), logs["category_id"].to_pylist(), strict=True))
+    clicked_categories = [[category[i] for i in seq] for seq in logs["click_seq"].to_pylist()]
+    assert logs["click_category_seq"].to_pylist() == clicked_categories
     # History crosses days: a user's first impression of day 2 already carries day 1's clicks.
     day = ts // gen.MS_PER_DAY - ts[0] // gen.MS_PER_DAY
     users = logs["user_id"].to_numpy()
