@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/real_data.py movielens --variants shipped mean_pooling ple --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/real_data.py census --variants shipped --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/real_data.py repeat --variants shipped --seeds 0 1 2 3 4   # generated, vs the oracle
     .venv/bin/python benchmarks/real_data.py movielens --report          # tables from the recorded runs only
 
 Every run is one ``mtrec run -c <shipped config> --set train.seed=S --set run_dir=runs/real/<data>/<variant>/sS``
@@ -54,6 +55,10 @@ class Dataset:
     # evaluation key -> baseline name and value (filled from the baselines JSON where the data set has one)
     baselines: Callable[[], dict[str, tuple[str, float]]]
     variants: dict[str, Variant] = field(default_factory=dict)
+    # Generated logs: each variant's logs are generated once (``mtrec generate`` with the variant's overrides) into
+    # runs/real/<data>/<variant>/data and shared by its seeds (train.seed varies, the world does not); the runs
+    # also record the oracle's value of every metric on the same rows.
+    generated: bool = False
 
 
 def _mean_pooling(spec: dict[str, Any]) -> None:
@@ -73,6 +78,14 @@ def _movielens_baselines() -> dict[str, tuple[str, float]]:
 
 def _no_baselines() -> dict[str, tuple[str, float]]:
     return {}
+
+
+def _lr_variants(rates: tuple[float, ...]) -> dict[str, Variant]:
+    """The dense layers' Adam rate, the one default every data set shares (see the README's defaults table)."""
+    return {f"lr{r:g}": Variant(f"train.dense_lr={r:g}", sets=(f"train.dense_lr={r:g}",)) for r in rates}
+
+
+LEARNING_RATES = (0.001, 0.003, 0.01)
 
 
 DATASETS: dict[str, Dataset] = {
@@ -100,6 +113,7 @@ DATASETS: dict[str, Dataset] = {
                     "gradients.drgrad.updater=none",
                 ),
             ),
+            **_lr_variants(LEARNING_RATES),
         },
     ),
     "census": Dataset(
@@ -109,7 +123,31 @@ DATASETS: dict[str, Dataset] = {
         variants={
             "shipped": Variant("the shipped configuration"),
             "ple": Variant("PLE top instead of MMoE", sets=("model.top=ple",)),
+            **_lr_variants(LEARNING_RATES),
         },
+    ),
+    "repeat": Dataset(
+        config="configs/experiments/repeat.yaml",
+        metrics={
+            "ctr.auc": ("ctr.auc", True),
+            "cvr.auc": ("cvr.auc", True),
+            "ctr_cvr.auc": ("ctr_cvr.auc", True),
+            "dwell.rmse": ("dwell.rmse", False),
+        },
+        baselines=_no_baselines,
+        variants={
+            "shipped": Variant("the shipped configuration"),
+            "no_match": Variant("without the match features", spec_edit=lambda spec: spec.pop("match", None)),
+            "mean_pooling": Variant("histories mean-pooled instead of target attention", spec_edit=_mean_pooling),
+            # Learning curve: the same world (generator seed, users, items), more impressions per day.
+            **{
+                f"rows_x{k:g}": Variant(
+                    f"{k:g}x the impressions per day", sets=(f"generator.impressions_per_day={int(100_000 * k)}",)
+                )
+                for k in (0.25, 0.5, 2, 4)
+            },
+        },
+        generated=True,
     ),
 }
 
@@ -129,6 +167,14 @@ def _run_one(data: str, ds: Dataset, name: str, variant: Variant, seed: int) -> 
         edited = run_dir / "features.yaml"
         edited.write_text(yaml.safe_dump(spec, sort_keys=False))
         sets.append(f"features={edited}")
+    if ds.generated:
+        data_dir = run_dir.parent / "data"
+        sets += [f"data.path={data_dir}", f"data.oracle_path={data_dir.parent / 'oracle.parquet'}"]
+        if not (data_dir.parent / "oracle.parquet").exists():
+            generate = [sys.executable, "-m", "jobs.cli", "generate", "--config", ds.config]
+            for s in sets:
+                generate += ["--set", s]
+            subprocess.run(generate, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     command = [sys.executable, "-m", "jobs.cli", "run", "--config", ds.config]
     for s in sets:
         command += ["--set", s]
@@ -142,15 +188,19 @@ def _run_one(data: str, ds: Dataset, name: str, variant: Variant, seed: int) -> 
     evaluated = json.loads((run_dir / "eval.json").read_text())
     trained = json.loads((run_dir / "train.json").read_text())
     metrics: dict[str, float] = {}
+    oracle: dict[str, float] = {}
     for key, (path, _) in ds.metrics.items():
         task, metric = path.rsplit(".", 1)
         metrics[key] = float(evaluated["metrics"][task][metric])
+        if metric in evaluated.get("oracle", {}).get(task, {}):
+            oracle[key] = float(evaluated["oracle"][task][metric])
     record = {
         "data": data,
         "variant": name,
         "seed": seed,
         "command": " ".join(command[1:]),
         "metrics": metrics,
+        **({"oracle": oracle} if oracle else {}),
         "best_epoch": trained.get("best_epoch", 0),
         "epochs": trained.get("epochs", 0),
         "validation": trained.get("validation", []),
@@ -171,6 +221,18 @@ def _summary(ds: Dataset, records: list[dict[str, Any]]) -> dict[str, Any]:
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         }
+        if all(key in r.get("oracle", {}) for r in records):
+            # Distance to the oracle on the same rows, per seed (oracle minus model; for RMSE model minus oracle).
+            gaps = [
+                (r["oracle"][key] - r["metrics"][key]) if higher else (r["metrics"][key] - r["oracle"][key])
+                for r in records
+            ]
+            row["oracle"] = statistics.fmean(r["oracle"][key] for r in records)
+            row["gap_to_oracle"] = {
+                "mean": statistics.fmean(gaps),
+                "se": statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else 0.0,
+                "max": max(gaps),
+            }
         if key in baselines:
             name, base = baselines[key]
             gains = [(v - base) if higher else (base - v) for v in values]
@@ -209,6 +271,9 @@ def _table(ds: Dataset, summaries: dict[str, Any]) -> str:
             if "gain_over_baseline" in m:
                 g = m["gain_over_baseline"]
                 cell += f" ({g['mean']:+.4f} ± {g['se']:.4f})"
+            if "gap_to_oracle" in m:
+                g = m["gap_to_oracle"]
+                cell += f" (oracle {m['oracle']:.4f}, gap {g['mean']:.4f} ± {g['se']:.4f})"
             cells.append(cell)
         val = s.get("validation_kept_mean")
         val_cell = f"{val:.4f}" if val is not None else "-"
