@@ -422,6 +422,25 @@ def test_experiment_configs_choose_the_architecture(name: str, bottom: str, top:
     build_model(cfg.feature_spec(), cfg.model, torch.device("meta"))
 
 
+def test_repeat_config_matches_the_candidate_against_every_history(tmp_path: Path) -> None:
+    """configs/experiments/repeat.yaml (the repeat knob on, match features, attention) on a small world of its kind:
+    every match feature finds candidates in its history, and its model builds and runs on the batch."""
+    cfg = load_config(REPO / "configs/experiments/repeat.yaml")
+    assert cfg.generator is not None and cfg.generator.repeat > 0
+    small = cfg.generator.model_copy(update={"impressions_per_day": 3000, "num_users": 200, "num_items": 600})
+    result = generate_logs(small, tmp_path / "logs", tmp_path / "oracle.parquet")
+    table = pa.concat_tables([pq.read_table(f) for f in result.files])
+    spec = cfg.feature_spec()
+    stats = dense_stats_from_moments([compute_dense_moments(table, spec)], spec)
+    batch = BatchTransform(spec, stats)(table)
+    counts = batch.dense[:, len(spec.dense) :: 2]  # each match feature's log1p(count), then its recency
+    assert counts.shape[1] == len(spec.match) == 4
+    assert torch.all((counts > 0).sum(dim=0) > 10), [m.name for m in spec.match]
+    model = seeded_model(spec, cfg.model).eval()
+    with torch.no_grad():
+        assert all(torch.isfinite(v).all() for v in model(batch).values())
+
+
 def test_train_local_is_deterministic_and_takes_a_custom_backward(
     data: tuple[FeatureSpec, DenseStats, pa.Table],
 ) -> None:
