@@ -129,7 +129,13 @@ def day_config(cfg: ExperimentConfig, day: str) -> ExperimentConfig:
     return cfg.model_copy(
         update={
             "run_dir": day_dir,
-            "data": cfg.data.model_copy(update={"train_days": cfg.daily.train_days}),
+            "data": cfg.data.model_copy(
+                update={
+                    "train_days": cfg.daily.train_days,
+                    # Days share validated files: each day validates only the partitions it has not seen.
+                    "validation_cache": cfg.data.validation_cache or run_root(cfg) / "validation_cache",
+                }
+            ),
             "mlflow": mlflow_cfg,
         }
     )

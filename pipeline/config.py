@@ -80,6 +80,13 @@ class DataConfig(_Strict):
         "best epoch's weights are kept (train.validation). 0: no validation window",
     )
     max_bad_fraction: float = Field(default=0.01, ge=0, le=1, description="fail the run above this quarantined share")
+    validation_cache: Path | None = Field(
+        default=None,
+        description="folder of per-file validation results, keyed by the file's identity (resolved path, size, "
+        "modification time) and the feature spec: a file validated before is not read again and its clean rows are "
+        "read from the cache (no copy per run); a changed file is validated again. Unset: every run validates every "
+        "file into its run folder. The daily job uses <daily run root>/validation_cache when unset",
+    )
     complete: CompletenessConfig = CompletenessConfig()
 
     @property

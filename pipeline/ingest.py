@@ -4,6 +4,11 @@ training window's dense statistics.
 Ray Data maps over the files: each file is read, validated and written back (clean rows to ``<run_dir>/ingested``,
 bad rows with their reason to a quarantine part) by one task, so no process ever holds the whole window and the work
 spreads over a cluster. The driver only merges counts, moments and the (small) quarantine.
+
+With ``data.validation_cache`` the clean and bad parts and the file's counts and moments go to the cache instead,
+named by the file's identity (resolved path, size, modification time) and the spec's fingerprint; a file whose entry
+exists is not read at all, and the later stages read its clean part from the cache. So a daily job validates only
+the partitions it has not seen, and a file rewritten in place (new size or time) is validated again.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class IngestResult(StageResult):
     data_hash: str = ""  # identity of this ingest (see data_fingerprint); every later stage records it
     validation_dates: list[str] = field(default_factory=list)  # data.validation_days: scored per epoch, not trained
     validation_files: list[str] = field(default_factory=list)
+    files_from_cache: int = 0  # files whose validation was read from data.validation_cache instead of done again
+    validation_cache: str = ""
 
     @property
     def stats(self) -> DenseStats:
@@ -105,8 +112,36 @@ def data_fingerprint(sources: list[tuple[str, Path]], counts: dict[str, Any], st
     return digest.hexdigest()[:16]
 
 
+def cache_key(path: Path, spec: FeatureSpec) -> str:
+    """A file's validation-cache key: its identity (resolved path, size, modification time) and the spec's."""
+    st = path.stat()
+    identity = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{spec.fingerprint()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Readers (another day's run) never see a half-written part: write beside it, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
 def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Data row = one input file. Writes the clean and quarantined parts; returns counts and moments."""
+    """One Ray Data row = one input file. Writes the clean and quarantined parts; returns counts and moments.
+
+    With a cache entry (``meta_path``) the file is not read: the entry's counts and moments are returned, and its
+    parts stay where they are."""
+    meta_path = Path(row["meta_path"]) if row["meta_path"] else None
+    if meta_path is not None and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        return {
+            "split": row["split"],
+            "counts_json": json.dumps(meta["counts"]),
+            "moments_json": json.dumps(meta["moments"] if row["split"] == "train" else {}),
+            "bad_path": row["bad_path"] if meta["counts"]["rows_quarantined"] else "",
+            "cached": True,
+        }
     spec = FeatureSpec.model_validate_json(row["spec_json"])
     src = row["path"]
     try:
@@ -114,18 +149,22 @@ def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
     except (OSError, pa.ArrowInvalid) as err:
         raise DataValidationError(f"{src}: cannot read file: {err}", file=src, column=None) from err
     clean, bad = validate_rows(table, spec, source=src)
-    Path(row["clean_path"]).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(clean, row["clean_path"])
+    _write_atomic(clean, Path(row["clean_path"]))
     if bad.num_rows:
-        Path(row["bad_path"]).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(bad, row["bad_path"])
+        _write_atomic(bad, Path(row["bad_path"]))
     counts = counts_of(clean, bad)
-    moments = compute_dense_moments(clean, spec) if row["split"] == "train" else {}
+    # A cached file is evaluated today and trained on tomorrow: its entry keeps the moments whatever its split now.
+    moments = compute_dense_moments(clean, spec) if row["split"] == "train" or meta_path is not None else {}
+    if meta_path is not None:  # last: an entry with its meta file is complete
+        tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+        tmp.write_text(json.dumps({"source": src, "counts": asdict(counts), "moments": moments}))
+        tmp.replace(meta_path)
     return {
         "split": row["split"],
         "counts_json": json.dumps(asdict(counts)),
-        "moments_json": json.dumps(moments),
+        "moments_json": json.dumps(moments if row["split"] == "train" else {}),
         "bad_path": row["bad_path"] if bad.num_rows else "",
+        "cached": False,
     }
 
 
@@ -165,15 +204,30 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
     staging = cfg.run_dir.resolve() / "quarantine_parts"
     for stale in (out, staging):  # a re-run must not mix in an earlier run's parts
         shutil.rmtree(stale, ignore_errors=True)
+    cache = cfg.data.validation_cache.resolve() if cfg.data.validation_cache is not None else None
     tasks = []
     for i, (date, f) in enumerate(files):
         split = "eval" if date in eval_dates else "validation" if date in validation_dates else "train"
+        if cache is None:
+            clean_path, bad_path, meta_path = (
+                out / split / f"dt={date}" / f"part-{i:05d}.parquet",
+                staging / f"part-{i:05d}.parquet",
+                None,
+            )
+        else:
+            entry = cache / f"dt={date}" / f"{f.stem}-{cache_key(f, spec)}"
+            clean_path, bad_path, meta_path = (
+                entry.with_name(f"{entry.name}.parquet"),
+                entry.with_name(f"{entry.name}.bad.parquet"),
+                entry.with_name(f"{entry.name}.json"),
+            )
         tasks.append(
             {
                 "path": str(f.resolve()),
                 "split": split,
-                "clean_path": str(out / split / f"dt={date}" / f"part-{i:05d}.parquet"),
-                "bad_path": str(staging / f"part-{i:05d}.parquet"),
+                "clean_path": str(clean_path),
+                "bad_path": str(bad_path),
+                "meta_path": str(meta_path) if meta_path is not None else "",
                 "spec_json": spec.model_dump_json(),
             }
         )
@@ -211,6 +265,8 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         counts={k: asdict(v) for k, v in counts.items()},
         window=asdict(window),
         data_hash=data_fingerprint(files, {k: asdict(v) for k, v in counts.items()}, stats_path),
+        files_from_cache=sum(bool(r["cached"]) for r in results),
+        validation_cache=str(cache) if cache is not None else "",
     )
     # Fail after writing the quarantine, so the user can inspect what was rejected; before ingest.json, so nothing
     # downstream takes the rejected window for a validated one.

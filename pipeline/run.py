@@ -51,8 +51,12 @@ def describe_ingested(r: IngestResult) -> str:
     validation = ""
     if r.validation_dates:
         validation = f"validation {r.counts_of('validation').rows_used:,} rows over {_days(r.validation_dates)}, "
+    files = len(r.train_files) + len(r.validation_files) + len(r.eval_files)
+    cached = ""
+    if r.validation_cache:
+        cached = f" ({r.files_from_cache} of {files} files validated before, read from the cache)"
     return (
-        f"read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,}"
+        f"read {c.rows_read:,} = used {c.rows_used:,} + quarantined {c.rows_quarantined:,}{cached}"
         f"{f' ({reasons})' if reasons else ''}; train {tr.rows_used:,} rows over {_days(r.train_dates)}, "
         f"{validation}eval {ev.rows_used:,} rows over {_days(r.eval_dates)}"
     )
