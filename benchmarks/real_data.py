@@ -288,6 +288,17 @@ def _table(ds: Dataset, summaries: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _store(data: str, ds: Dataset, name: str, entry: dict[str, Any]) -> None:
+    """Read, update one variant, write: at the moment of writing, so that two invocations running side by side (one
+    per data set or variant) do not write back each other's older copy."""
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    section = results.setdefault(data, {"config": ds.config, "variants": {}})
+    section["variants"][name] = entry
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(OUT)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", choices=sorted(DATASETS))
@@ -300,8 +311,6 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown} for {args.data}: choose from {sorted(ds.variants)}")
 
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
-    section = results.setdefault(args.data, {"config": ds.config, "variants": {}})
     for name in args.variants:
         variant = ds.variants[name]
         records = []
@@ -313,10 +322,11 @@ def main() -> None:
             print(f"{args.data}/{name} seed {seed}: {record['metrics']} ({record['wall_s']} s)", flush=True)
         if not records:
             continue
-        section["variants"][name] = {"help": variant.help, "sets": list(variant.sets), "runs": records}
-        section["variants"][name].update(_summary(ds, records))
-        OUT.write_text(json.dumps(results, indent=2) + "\n")
-    summaries = {n: v for n, v in section["variants"].items() if n in ds.variants}
+        entry = {"help": variant.help, "sets": list(variant.sets), "runs": records, **_summary(ds, records)}
+        _store(args.data, ds, name, entry)
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    variants = results.get(args.data, {}).get("variants", {})
+    summaries = {n: v for n, v in variants.items() if n in ds.variants}
     print(_table(ds, summaries))
 
 
