@@ -80,9 +80,12 @@ def _no_baselines() -> dict[str, tuple[str, float]]:
     return {}
 
 
-def _lr_variants(rates: tuple[float, ...]) -> dict[str, Variant]:
+def _lr_variants(rates: tuple[float, ...], *sets: str) -> dict[str, Variant]:
     """The dense layers' Adam rate, the one default every data set shares (see the README's defaults table)."""
-    return {f"lr{r:g}": Variant(f"train.dense_lr={r:g}", sets=(f"train.dense_lr={r:g}",)) for r in rates}
+    return {
+        f"lr{r:g}": Variant(" ".join([f"train.dense_lr={r:g}", *sets]), sets=(f"train.dense_lr={r:g}", *sets))
+        for r in rates
+    }
 
 
 LEARNING_RATES = (0.001, 0.003, 0.01)
@@ -120,7 +123,8 @@ DATASETS: dict[str, Dataset] = {
                     "gradients.drgrad.updater=none",
                 ),
             ),
-            **_lr_variants(LEARNING_RATES),
+            # On the MMoE top, beside the MMoE rows (seed 0 at 1e-3 is the mmoe variant's).
+            **_lr_variants(LEARNING_RATES, "model.top=mmoe"),
         },
     ),
     "census": Dataset(
