@@ -85,6 +85,7 @@ def score_files(
 
 
 def evaluate(cfg: ExperimentConfig, ingested: IngestResult, trained: TrainResult) -> EvalResult:
+    ingested.check_sources_unchanged()
     scored_hash = model_hash(trained.model_dir)  # before loading: the hash of exactly what is scored
     loaded = load_model(trained.model_dir)
     transform = BatchTransform(loaded.spec, loaded.stats)

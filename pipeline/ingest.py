@@ -1,9 +1,11 @@
 """Ingest stage: find the date partitions, split the windows, validate every file, quarantine bad rows, and compute the
 training window's dense statistics.
 
-Ray Data maps over the files: each file is read, validated and written back (clean rows to ``<run_dir>/ingested``,
-bad rows with their reason to a quarantine part) by one task, so no process ever holds the whole window and the work
-spreads over a cluster. The driver only merges counts, moments and the (small) quarantine.
+Ray Data maps over the files: each file is read and validated by one task, so no process ever holds the whole window
+and the work spreads over a cluster. A file whose every row is good is not copied: the later stages read it where it
+is (its size and modification time are recorded, and :meth:`IngestResult.check_sources_unchanged` refuses it if it
+changed since). A file with bad rows gets its clean rows written to ``<run_dir>/ingested`` and its bad rows, with
+their reason, to a quarantine part. The driver only merges counts, moments and the (small) quarantine.
 
 With ``data.validation_cache`` the clean and bad parts and the file's counts and moments go to the cache instead,
 named by the file's identity (resolved path, size, modification time) and the spec's fingerprint; a file whose entry
@@ -40,6 +42,8 @@ from pipeline.progress import SILENT, StageProgress
 from pipeline.results import StageResult
 
 __all__ = ["IngestResult", "discover_partitions", "ingest", "split_windows"]
+
+SPLITS = ("train", "validation", "eval")
 
 
 def split_validation(dates: list[str], validation_days: int) -> tuple[list[str], list[str]]:
@@ -83,6 +87,26 @@ class IngestResult(StageResult):
     validation_files: list[str] = field(default_factory=list)
     files_from_cache: int = 0  # files whose validation was read from data.validation_cache instead of done again
     validation_cache: str = ""
+    # Source files read in place (no bad row, so no clean copy): path -> [size, modification time in ns] at ingest.
+    read_in_place: dict[str, list[int]] = field(default_factory=dict)
+
+    def check_sources_unchanged(self) -> None:
+        """Fail, naming the file, when a source read in place was rewritten or removed after it was validated: its
+        rows would reach training or evaluation unvalidated."""
+        for path, (size, mtime_ns) in self.read_in_place.items():
+            try:
+                st = Path(path).stat()
+            except FileNotFoundError:
+                raise DataValidationError(
+                    f"{path}: validated at ingest but gone now; run the ingest stage again", file=path, column=None
+                ) from None
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise DataValidationError(
+                    f"{path}: changed since it was validated at ingest (size {size} -> {st.st_size} bytes or a new "
+                    "modification time); run the ingest stage again",
+                    file=path,
+                    column=None,
+                )
 
     @property
     def stats(self) -> DenseStats:
@@ -130,16 +154,18 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
     """One Ray Data row = one input file. Writes the clean and quarantined parts; returns counts and moments.
 
-    With a cache entry (``meta_path``) the file is not read: the entry's counts and moments are returned, and its
-    parts stay where they are."""
+    A file without bad rows is not written again: ``read_path`` is the source itself. With a cache entry
+    (``meta_path``) the file is not read: the entry's counts, moments and read path are returned."""
     meta_path = Path(row["meta_path"]) if row["meta_path"] else None
     if meta_path is not None and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return {
+            "index": row["index"],
             "split": row["split"],
             "counts_json": json.dumps(meta["counts"]),
             "moments_json": json.dumps(meta["moments"] if row["split"] == "train" else {}),
             "bad_path": row["bad_path"] if meta["counts"]["rows_quarantined"] else "",
+            "read_path": meta.get("read_path", row["clean_path"]),
             "cached": True,
         }
     spec = FeatureSpec.model_validate_json(row["spec_json"])
@@ -149,21 +175,27 @@ def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
     except (OSError, pa.ArrowInvalid) as err:
         raise DataValidationError(f"{src}: cannot read file: {err}", file=src, column=None) from err
     clean, bad = validate_rows(table, spec, source=src)
-    _write_atomic(clean, Path(row["clean_path"]))
+    read_path = src  # every row good: later stages read the source, a copy would only cost a write
     if bad.num_rows:
+        _write_atomic(clean, Path(row["clean_path"]))
         _write_atomic(bad, Path(row["bad_path"]))
+        read_path = row["clean_path"]
     counts = counts_of(clean, bad)
     # A cached file is evaluated today and trained on tomorrow: its entry keeps the moments whatever its split now.
     moments = compute_dense_moments(clean, spec) if row["split"] == "train" or meta_path is not None else {}
     if meta_path is not None:  # last: an entry with its meta file is complete
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-        tmp.write_text(json.dumps({"source": src, "counts": asdict(counts), "moments": moments}))
+        entry = {"source": src, "counts": asdict(counts), "moments": moments, "read_path": read_path}
+        tmp.write_text(json.dumps(entry))
         tmp.replace(meta_path)
     return {
+        "index": row["index"],
         "split": row["split"],
         "counts_json": json.dumps(asdict(counts)),
         "moments_json": json.dumps(moments if row["split"] == "train" else {}),
         "bad_path": row["bad_path"] if bad.num_rows else "",
+        "read_path": read_path,
         "cached": False,
     }
 
@@ -206,6 +238,7 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         shutil.rmtree(stale, ignore_errors=True)
     cache = cfg.data.validation_cache.resolve() if cfg.data.validation_cache is not None else None
     tasks = []
+    sources = {str(f.resolve()): f.stat() for _, f in files}  # identity before validation, checked before reading
     for i, (date, f) in enumerate(files):
         split = "eval" if date in eval_dates else "validation" if date in validation_dates else "train"
         if cache is None:
@@ -223,6 +256,7 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
             )
         tasks.append(
             {
+                "index": i,
                 "path": str(f.resolve()),
                 "split": split,
                 "clean_path": str(clean_path),
@@ -253,13 +287,15 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
     stats_path = cfg.run_dir.resolve() / "dense_stats.json"
     stats.save(stats_path)
 
+    results.sort(key=lambda r: int(r["index"]))  # Ray Data may finish files out of order; windows stay in date order
+    read_paths = {split: [r["read_path"] for r in results if r["split"] == split] for split in SPLITS}
     result = IngestResult(
         train_dates=train_dates,
         eval_dates=eval_dates,
-        train_files=sorted(t["clean_path"] for t in tasks if t["split"] == "train"),
-        eval_files=sorted(t["clean_path"] for t in tasks if t["split"] == "eval"),
+        train_files=read_paths["train"],
+        eval_files=read_paths["eval"],
         validation_dates=validation_dates,
-        validation_files=sorted(t["clean_path"] for t in tasks if t["split"] == "validation"),
+        validation_files=read_paths["validation"],
         quarantine_path=str(quarantine_path),
         stats_path=str(stats_path),
         counts={k: asdict(v) for k, v in counts.items()},
@@ -267,6 +303,11 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
         data_hash=data_fingerprint(files, {k: asdict(v) for k, v in counts.items()}, stats_path),
         files_from_cache=sum(bool(r["cached"]) for r in results),
         validation_cache=str(cache) if cache is not None else "",
+        read_in_place={
+            r["read_path"]: [sources[r["read_path"]].st_size, sources[r["read_path"]].st_mtime_ns]
+            for r in results
+            if r["read_path"] in sources
+        },
     )
     # Fail after writing the quarantine, so the user can inspect what was rejected; before ingest.json, so nothing
     # downstream takes the rejected window for a validated one.

@@ -151,6 +151,7 @@ def train(
     from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
     accounting = check_trainable(cfg, ingested)
+    ingested.check_sources_unchanged()
     spec = cfg.feature_spec()
     if ingested.validation_files:
         resolve_monitor(spec, cfg.train.validation)  # a wrong metric name fails now, not after epoch 1

@@ -36,7 +36,9 @@ def test_second_day_validates_only_the_new_partition_and_a_changed_file_again(ra
     cache = tmp_path / "daily" / "validation_cache"
     assert first.validation_cache == str(cache.resolve())
     assert first.files_from_cache == 0
-    assert all(Path(f).is_relative_to(cache) for f in [*first.train_files, *first.eval_files])
+    # Generated logs have no bad row: every file is read where it is, and the cache holds only the verdicts.
+    assert [*first.train_files, *first.eval_files] == sorted(str(f.resolve()) for f in data.glob("dt=*/*.parquet"))
+    assert not list(cache.rglob("*.parquet"))
 
     shutil.move(held, data / f"dt={dates[2]}")  # it lands; the next day's job runs
     second = ingest(day_config(cfg, dates[2]))
@@ -63,6 +65,9 @@ def test_second_day_validates_only_the_new_partition_and_a_changed_file_again(ra
     third = ingest(day_config(cfg, dates[2]).model_copy(update={"run_dir": tmp_path / "rerun"}))
     assert third.files_from_cache == 2 * per_day - 1
     assert third.counts_of("eval").rows_quarantined > 0
+    copied = [f for f in third.eval_files if Path(f).is_relative_to(cache)]
+    assert len(copied) == 1, "the rewritten file has bad rows: its clean rows are written to the cache"
+    assert pq.read_metadata(copied[0]).num_rows == table.num_rows - third.counts_of("eval").rows_quarantined
     assert second.counts_of("eval").rows_quarantined == 0
 
 
@@ -82,3 +87,39 @@ def test_cache_key_follows_the_file_and_the_spec(tmp_path: Path, change: str) ->
     else:
         other = spec.model_copy(update={"dense": spec.dense[:-1]})
         assert cache_key(f, other) != key
+
+
+def test_clean_files_are_read_in_place_and_a_file_changed_after_ingest_is_refused(
+    ray_local: None, tmp_path: Path
+) -> None:
+    from features.validate import DataValidationError
+    from pipeline.ingest import ingest
+    from pipeline.run import generate
+    from pipeline.train import train
+
+    cfg = small_config(tmp_path, *TINY)
+    generate(cfg)
+    files = sorted((tmp_path / "data").glob("dt=*/*.parquet"))
+    dirty = files[0]
+    table = pq.read_table(dirty)
+    dwell = table.column("dwell_seconds").to_numpy().copy()
+    dwell[:3] = -1.0
+    column = table.schema.get_field_index("dwell_seconds")
+    pq.write_table(table.set_column(column, "dwell_seconds", pa.array(dwell, pa.float32())), dirty)
+
+    result = ingest(cfg)
+    read = [*result.train_files, *result.validation_files, *result.eval_files]
+    assert len(read) == len(files)
+    copies = [f for f in read if Path(f).is_relative_to(tmp_path / "ingested")]
+    assert len(copies) == 1, "only the file with bad rows is written again"
+    assert pq.read_metadata(copies[0]).num_rows == table.num_rows - 3
+    assert sorted(f for f in read if f not in copies) == sorted(str(f.resolve()) for f in files[1:])
+    assert sorted(result.read_in_place) == sorted(str(f.resolve()) for f in files[1:])
+    assert result.counts_of("train").rows_quarantined == 3
+    result.check_sources_unchanged()
+
+    # A writer re-runs after the ingest: its rows were never validated, so training refuses them, naming the file.
+    changed = files[-1]
+    pq.write_table(pq.read_table(changed).slice(0, 10), changed)
+    with pytest.raises(DataValidationError, match=str(changed.resolve())):
+        train(cfg, result)
