@@ -181,10 +181,16 @@ class TrainConfig(_Strict):
         gt=0,
         description="fail when no training batch arrives for this long while the cluster has no CPU for a data task",
     )
+    materialize: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="read (and globally shuffle) the training and validation windows once into Ray's object store, so "
+        "later epochs do not pay the read again; auto: when the windows take at most a quarter of the object store; "
+        "never: stream them from the files every epoch",
+    )
 
 
 #: Where and how the workers run, not what they train: kept out of the fingerprint.
-TRAIN_SCHEDULING_FIELDS = ("data_cpus", "placement_strategy", "resource_wait_s", "stall_timeout_s")
+TRAIN_SCHEDULING_FIELDS = ("data_cpus", "placement_strategy", "resource_wait_s", "stall_timeout_s", "materialize")
 
 
 class EvalConfig(_Strict):

@@ -1,8 +1,9 @@
 """Ingest stage: find the date partitions, split the windows, validate every file, quarantine bad rows, and compute the
 training window's dense statistics.
 
-Ray Data maps over the files: each file is read and validated by one task, so no process ever holds the whole window
-and the work spreads over a cluster. A file whose every row is good is not copied: the later stages read it where it
+Ray Data maps over the files: each file is read and validated by one task (:mod:`pipeline.ingest_task`, free of
+torch imports so that fresh Ray workers start it at once), so no process ever holds the whole window and the work
+spreads over a cluster. A file whose every row is good is not copied: the later stages read it where it
 is (its size and modification time are recorded, and :meth:`IngestResult.check_sources_unchanged` refuses it if it
 changed since). A file with bad rows gets its clean rows written to ``<run_dir>/ingested`` and its bad rows, with
 their reason, to a quarantine part. The driver only merges counts, moments and the (small) quarantine.
@@ -22,21 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.encode import dense_stats_from_moments
 from features.spec import FeatureSpec
 from features.stats import DenseStats
-from features.transform import compute_dense_moments, dense_stats_from_moments
-from features.validate import (
-    DataValidationError,
-    ValidationCounts,
-    check_files,
-    counts_of,
-    validate_rows,
-    write_quarantine,
-)
+from features.validate import DataValidationError, ValidationCounts, check_files, write_quarantine
 from pipeline.config import ExperimentConfig
+from pipeline.ingest_task import validate_file
 from pipeline.partitions import WINDOW_FILE, DataWindow, discover_partitions, resolve_window, split_windows
 from pipeline.progress import SILENT, StageProgress
 from pipeline.results import StageResult
@@ -143,63 +137,6 @@ def cache_key(path: Path, spec: FeatureSpec) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:20]
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Readers (another day's run) never see a half-written part: write beside it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
-
-
-def _validate_file(row: dict[str, Any]) -> dict[str, Any]:
-    """One Ray Data row = one input file. Writes the clean and quarantined parts; returns counts and moments.
-
-    A file without bad rows is not written again: ``read_path`` is the source itself. With a cache entry
-    (``meta_path``) the file is not read: the entry's counts, moments and read path are returned."""
-    meta_path = Path(row["meta_path"]) if row["meta_path"] else None
-    if meta_path is not None and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return {
-            "index": row["index"],
-            "split": row["split"],
-            "counts_json": json.dumps(meta["counts"]),
-            "moments_json": json.dumps(meta["moments"] if row["split"] == "train" else {}),
-            "bad_path": row["bad_path"] if meta["counts"]["rows_quarantined"] else "",
-            "read_path": meta.get("read_path", row["clean_path"]),
-            "cached": True,
-        }
-    spec = FeatureSpec.model_validate_json(row["spec_json"])
-    src = row["path"]
-    try:
-        table = pq.read_table(src)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise DataValidationError(f"{src}: cannot read file: {err}", file=src, column=None) from err
-    clean, bad = validate_rows(table, spec, source=src)
-    read_path = src  # every row good: later stages read the source, a copy would only cost a write
-    if bad.num_rows:
-        _write_atomic(clean, Path(row["clean_path"]))
-        _write_atomic(bad, Path(row["bad_path"]))
-        read_path = row["clean_path"]
-    counts = counts_of(clean, bad)
-    # A cached file is evaluated today and trained on tomorrow: its entry keeps the moments whatever its split now.
-    moments = compute_dense_moments(clean, spec) if row["split"] == "train" or meta_path is not None else {}
-    if meta_path is not None:  # last: an entry with its meta file is complete
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-        entry = {"source": src, "counts": asdict(counts), "moments": moments, "read_path": read_path}
-        tmp.write_text(json.dumps(entry))
-        tmp.replace(meta_path)
-    return {
-        "index": row["index"],
-        "split": row["split"],
-        "counts_json": json.dumps(asdict(counts)),
-        "moments_json": json.dumps(moments if row["split"] == "train" else {}),
-        "bad_path": row["bad_path"] if bad.num_rows else "",
-        "read_path": read_path,
-        "cached": False,
-    }
-
-
 def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: StageProgress = SILENT) -> IngestResult:
     """Validate the training and evaluation windows into ``cfg.run_dir``: the files of ``window`` when given (pinned
     by the caller), otherwise those of the complete partitions of ``cfg.data.path`` now. ``progress`` counts the
@@ -268,7 +205,7 @@ def ingest(cfg: ExperimentConfig, window: DataWindow | None = None, progress: St
     # One block per file, so files validate in parallel tasks.
     progress.total(len(tasks), "files")
     results = []
-    for row in ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(_validate_file).iter_rows():
+    for row in ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(validate_file).iter_rows():
         results.append(row)
         progress.update(len(results))
 

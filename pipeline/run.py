@@ -71,9 +71,11 @@ def describe_trained(r: TrainResult) -> str:
         best = next((v["value"] for v in r.validation if v["epoch"] == r.best_epoch), float("nan"))
         stopped = ", stopped early" if r.stopped_early else ""
         kept = f"; kept epoch {r.best_epoch} of {r.epochs}{stopped} (validation {watched} {best:.4f})"
+    steady = f" (steady state {r.steady_samples_per_s:,.0f})" if r.steady_samples_per_s else ""
+    startup = f", start-up {r.startup['total_s']:.1f} s" if r.startup else ""
     return (
-        f"{r.steps:,} steps, {r.samples:,} samples at {r.samples_per_s:,.0f} samples/s on {r.world_size} workers"
-        f"{resumed}; final losses {losses}{kept}"
+        f"{r.steps:,} steps, {r.samples:,} samples at {r.samples_per_s:,.0f} samples/s{steady} on {r.world_size} "
+        f"workers{startup}{resumed}; final losses {losses}{kept}"
     )
 
 

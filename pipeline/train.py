@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +67,13 @@ class TrainResult(StageResult):
     best_epoch: int = 0  # 0: no validation window (the weights are the last step's)
     stopped_early: bool = False
     epochs: int = 0  # epochs completed
+    # The loop's steady state (median log window, epochs' first windows excluded): samples_per_s / this is what the
+    # epochs' restarts and checkpoints cost.
+    steady_samples_per_s: float = 0.0
+    # Seconds of the run's fixed cost: preparing the data (read/shuffle/materialise, priors), workers up and process
+    # group formed, model built and sharded by the planner, first batch in hand (rank 0's clock).
+    startup: dict[str, float] = field(default_factory=dict)
+    materialized: bool = False  # the windows were read once into the object store (train.materialize)
 
 
 class NothingToTrainError(ValueError):
@@ -113,6 +121,44 @@ def check_trainable(cfg: ExperimentConfig, ingested: IngestResult) -> RowAccount
     return accounting
 
 
+def window_bytes(files: list[str]) -> int:
+    """The files' rows in memory, estimated from the Parquet footers (uncompressed size of every row group)."""
+    total = 0
+    for f in files:
+        meta = pq.read_metadata(f)
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
+
+
+def object_store_bytes() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("object_store_memory", 0.0))
+
+
+def should_materialize(mode: str, files: list[str], store_bytes: float) -> bool:
+    """``train.materialize``: auto reads the windows into the object store when they take at most a quarter of it
+    (twice the footer estimate, for decoded dictionaries), leaving room for the batches in flight."""
+    if mode != "auto":
+        return mode == "always"
+    return 2 * window_bytes(files) <= store_bytes / 4
+
+
+def startup_seconds(prepare_started: float, fit_called: float, metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's fixed cost by phase, from the driver's and rank 0's wall clocks; empty when rank 0 ran no step."""
+    keys = ("worker_entered_at", "model_built_at", "first_batch_at")
+    entered, built, first = (float(metrics.get(k, 0.0)) for k in keys)
+    if not (entered and built and first):
+        return {}
+    return {
+        "prepare_data_s": round(fit_called - prepare_started, 3),
+        "workers_up_s": round(entered - fit_called, 3),
+        "build_and_shard_s": round(built - entered, 3),
+        "first_batch_s": round(first - built, 3),
+        "total_s": round(first - prepare_started, 3),
+    }
+
+
 def worker_config(
     cfg: ExperimentConfig, ingested: IngestResult, warm_start_dir: Path | None, output_bias: dict[str, float]
 ) -> dict[str, Any]:
@@ -150,6 +196,7 @@ def train(
 
     from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
 
+    prepare_started = time.time()
     accounting = check_trainable(cfg, ingested)
     ingested.check_sources_unchanged()
     spec = cfg.feature_spec()
@@ -175,6 +222,12 @@ def train(
         datasets["validation"] = ray.data.read_parquet(
             ingested.validation_files, ray_remote_args={"num_cpus": needs.read_task_cpus}
         )
+    materialized = should_materialize(
+        cfg.train.materialize, [*ingested.train_files, *ingested.validation_files], object_store_bytes()
+    )
+    if materialized:
+        # Once, here: every epoch would otherwise read the files (and redo the seeded shuffle, to the same order).
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
@@ -209,6 +262,7 @@ def train(
         status = f"epoch {record['epoch']} · loss {record['loss']:.4f} · {record['samples_per_s']:,.0f} samples/s"
         progress.update(record["step"], status)
 
+    fit_called = time.time()
     try:
         with ProgressFileFollower(progress_file, on_record), worker_start_timeout(cfg.train.resource_wait_s):
             result = trainer.fit()
@@ -245,6 +299,9 @@ def train(
         best_epoch=int(metrics.get("best_epoch", 0)),
         stopped_early=bool(metrics.get("stopped_early", False)),
         epochs=int(metrics["epoch"]),
+        steady_samples_per_s=float(metrics.get("steady_samples_per_s", 0.0)),
+        startup=startup_seconds(prepare_started, fit_called, metrics),
+        materialized=materialized,
     )
     if out.steps == 0:
         raise NothingToTrainError(f"training ran 0 steps ({asdict(accounting)}): the model in {model_dir} is untrained")

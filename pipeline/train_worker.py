@@ -62,6 +62,8 @@ class TrainState:
     best_value: float | None = None
     stale_epochs: int = 0
     stopped_early: bool = False
+    # samples/s of each log window; ``epoch_start`` marks an epoch's first window (it pays the stream's start-up).
+    rates: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -252,6 +254,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     from models.sharding import gather_state_dict
 
+    entered = time.time()  # wall clock, comparable with the driver's: start-up is measured across processes
     cfg = ExperimentConfig.model_validate(config["experiment"])
     spec = FeatureSpec.model_validate(config["spec"])
     stats = DenseStats(**config["stats"])
@@ -266,6 +269,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.cpus_per_worker)
 
     parts = build_training(cfg, spec, device, local_world_size=ctx.get_local_world_size())
+    built = time.time()
     state = TrainState(world_size=world)
     resumed_from = 0
     best: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's unsharded weights
@@ -332,8 +336,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
 
     parts.model.train()
+    first_batch_at = 0.0
     while state.epoch < cfg.train.epochs and not done() and not state.stopped_early:
         batches = batches_of(state.epoch)
+        epoch_start = True
         # Resume mid-epoch: skip what the workers had consumed (a global count, valid for another worker count).
         for _ in range(state.epoch_samples // per_step):
             next(batches, None)
@@ -343,6 +349,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             batch = next(batches, None)
             if batch is None:
                 break
+            if not first_batch_at:  # start-up ends here: it is reported apart, the loop's clock starts now
+                first_batch_at = time.time()
+                started = last_log = time.perf_counter()
             total, losses, diagnostics = train_step(parts, batch.to(device, non_blocking=True))
             if diagnostics:
                 state.diagnostics.append({"step": state.step + 1, **diagnostics})
@@ -358,6 +367,8 @@ def worker_loop(config: dict[str, Any]) -> None:
                 rate = window_steps * per_step / (now - last_log)
                 last_log, window_steps = now, 0
                 state.curve.append({"step": state.step, "epoch": state.epoch, **point})
+                state.rates.append({"step": state.step, "samples_per_s": rate, "epoch_start": epoch_start})
+                epoch_start = False
                 if rank == 0:
                     text = " ".join(f"{k}={v:.4f}" for k, v in point.items())
                     print(f"[train] epoch {state.epoch} step {state.step} {text} {rate:,.0f} samples/s", flush=True)
@@ -395,6 +406,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         "world_size": world,
         "best_epoch": state.best_epoch,
         "stopped_early": state.stopped_early,
+        "steady_samples_per_s": steady_rate(state.rates),
+        # Start-up on this rank (wall clock): entering the loop, model built and sharded, first batch in hand.
+        "worker_entered_at": entered,
+        "model_built_at": built,
+        "first_batch_at": first_batch_at,
     }
     if rank == 0:
         description = {
@@ -413,6 +429,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     else:
         metrics_extra = {}
     _report_final(parts, state, metrics, weights if rank == 0 else None, metrics_extra)
+
+
+def steady_rate(rates: list[dict[str, Any]]) -> float:
+    """The loop's steady-state samples/s: the median log window that is not an epoch's first (those pay the data
+    stream's start-up); 0.0 when every window is one."""
+    import statistics
+
+    steady = [r["samples_per_s"] for r in rates if not r["epoch_start"]]
+    return statistics.median(steady) if steady else 0.0
 
 
 def _report_final(

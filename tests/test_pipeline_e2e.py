@@ -37,6 +37,12 @@ def test_training_used_both_workers_and_sharded_tables(pipeline_run) -> None:  #
     sharded = {t: p for t, p in trained.plan.items() if p["sharding_type"] != "data_parallel"}
     assert "item" in sharded and sharded["item"]["compute_kernel"] == "fused"
     assert {t.name for t in cfg.feature_spec().tables} == set(trained.plan)
+    # The small windows fit the local object store: read once, not per epoch; the loop's own measurements are kept.
+    assert trained.materialized
+    assert trained.steady_samples_per_s > 0 and trained.samples_per_s > 0
+    phases = ("prepare_data_s", "workers_up_s", "build_and_shard_s", "first_batch_s")
+    assert all(trained.startup[k] >= 0 for k in phases)
+    assert trained.startup["total_s"] == pytest.approx(sum(trained.startup[k] for k in phases), abs=0.01)
 
 
 def test_evaluation_beats_chance_and_reports_oracle(pipeline_run) -> None:  # type: ignore[no-untyped-def]
@@ -78,6 +84,7 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
         == (rows["rows_used"])
     )
     assert run.data.metrics["train.rows.rows_trained_per_epoch"] == rows["rows_trained_per_epoch"]
+    assert run.data.metrics["train.startup.total_s"] == result.trained.startup["total_s"]
 
 
 def test_drgrad_diagnostics_in_mlflow(pipeline_run) -> None:  # type: ignore[no-untyped-def]
