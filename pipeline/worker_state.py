@@ -121,7 +121,8 @@ def warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
         source = _load_from_dcp(own, dcp_dir)
     else:
         _load_from_safetensors(own, model_dir / WEIGHTS_FILE)
-        source = f"{WEIGHTS_FILE} (no {DCP_DIR}/ checkpoint in it: an older model)"
+        # A registered version keeps the serving files only (and older models had no checkpoint beside them).
+        source = f"{WEIGHTS_FILE}, each rank its own rows (no {DCP_DIR}/ checkpoint in the folder)"
     parts.model.load_state_dict(own)
     if rank == 0:
         print(f"[train] warm start from {model_dir}: {source}", flush=True)
