@@ -35,7 +35,6 @@ from pipeline.progress import (
 from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_math
 from pipeline.watchdog import watched_batches
 from pipeline.worker_state import (
-    DCP_DIR,
     TrainState,
     load_best,
     load_checkpoint,
@@ -217,10 +216,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             state = load_checkpoint(parts, Path(folder))
             best = load_best(parts, Path(folder))
         if state.best_epoch and best is None:
-            raise RuntimeError(
-                f"the checkpoint records best epoch {state.best_epoch} but holds no '{DCP_DIR}' copy of its weights "
-                "(written by an older version); start over with --fresh"
-            )
+            raise RuntimeError(f"the checkpoint records best epoch {state.best_epoch} but holds no copy of its weights")
         resumed_from = state.step
         if rank == 0:
             print(

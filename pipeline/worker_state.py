@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 STATE_FILE = "train_state.json"
 DCP_DIR = "dcp"
+# Where checkpoints written before the best epoch was kept in DCP hold it: rank 0's unsharded copy. Read, never written.
+LEGACY_BEST_FILE = "best_weights.safetensors"
 
 
 @dataclass
@@ -100,11 +102,14 @@ def load_best(parts: TrainingParts, folder: Path) -> dict[str, Any] | None:
     None when the checkpoint has none."""
     import torch.distributed.checkpoint as dcp
 
-    if source_prefix(stored_dcp_keys(folder / DCP_DIR)) != BEST_PREFIX:
-        return None
-    target = snapshot_model(parts.model)  # the current layout; DCP fills it by global offsets
-    dcp.load({BEST_PREFIX: target}, checkpoint_id=str(folder / DCP_DIR))
-    return target
+    target = snapshot_model(parts.model)  # the current layout, filled by global offsets
+    if source_prefix(stored_dcp_keys(folder / DCP_DIR)) == BEST_PREFIX:
+        dcp.load({BEST_PREFIX: target}, checkpoint_id=str(folder / DCP_DIR))
+        return target
+    if (folder / LEGACY_BEST_FILE).is_file():
+        _load_from_safetensors(target, folder / LEGACY_BEST_FILE)
+        return target
+    return None
 
 
 def warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:

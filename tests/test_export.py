@@ -79,7 +79,7 @@ def _parts(run_dir: Path, *overrides: str) -> Any:
 def _save_worker(rank: int, world: int, port: int, run_dir: str) -> None:
     """2 ranks: snapshot the model as "best", change it, checkpoint both; rank 0 keeps the gathered references."""
     from models.sharding import gather_state_dict
-    from pipeline.worker_state import TrainState, save_checkpoint, snapshot_model
+    from pipeline.worker_state import LEGACY_BEST_FILE, TrainState, save_checkpoint, snapshot_model
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
@@ -94,8 +94,11 @@ def _save_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         _perturb(parts.model)  # the snapshot must not follow the live weights
         last_gathered = gather_state_dict(parts.model)
         save_checkpoint(parts, TrainState(step=1, world_size=world, best_epoch=1), Path(run_dir, "ckpt"), best)
+        # As checkpoints were written before the best epoch went into DCP: rank 0's unsharded copy beside it.
+        save_checkpoint(parts, TrainState(step=1, world_size=world, best_epoch=1), Path(run_dir, "ckpt_legacy"))
         if rank == 0:
             save_file(best_gathered, str(Path(run_dir, "gathered_best.safetensors")))
+            save_file(best_gathered, str(Path(run_dir, "ckpt_legacy", LEGACY_BEST_FILE)))
             save_file(last_gathered, str(Path(run_dir, "gathered_last.safetensors")))
         dist.barrier()  # no rank tears gloo down while the other still writes (an abort at exit otherwise)
     except Exception:
@@ -128,6 +131,11 @@ def _load_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         assert best is not None
         parts.model.load_state_dict(best)
         save_file(gather_state_dict(parts.model), str(root / "resumed_best.safetensors"))
+        _perturb(parts.model)
+        legacy = load_best(parts, root / "ckpt_legacy")
+        assert legacy is not None
+        parts.model.load_state_dict(legacy)
+        save_file(gather_state_dict(parts.model), str(root / "resumed_legacy.safetensors"))
         changed = _parts(root, "model.tower_mlp=[8]")
         for folder in ("model", "old_model"):
             try:
@@ -186,5 +194,7 @@ def test_export_and_warm_start_match_the_gather_across_worker_counts(tmp_path: P
     _assert_equal(load_file(str(tmp_path / "warm_dcp.safetensors")), best)
     _assert_equal(load_file(str(tmp_path / "warm_old.safetensors")), best)
     _assert_equal(load_file(str(tmp_path / "resumed_best.safetensors")), best)
+    _assert_equal(load_file(str(tmp_path / "resumed_legacy.safetensors")), best)
+    assert source_prefix(stored_dcp_keys(tmp_path / "ckpt_legacy" / "dcp")) == MODEL_PREFIX
     for folder in ("model", "old_model"):
         assert "architecture changed" in loaded[folder] and "tower" in loaded[folder], loaded[folder]
