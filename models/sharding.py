@@ -199,6 +199,12 @@ def _table_optimizers(kind: str, lr: float) -> Callable[[Any], torch.optim.Optim
     return factories[kind]
 
 
+def unwrapped_name(key: str) -> str:
+    """A DMP state-dict key as the unsharded model names it (DMP's and DDP's wrapper prefixes removed): the names of
+    the exported weights, whichever worker count wrote the checkpoint."""
+    return key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
+
+
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict on rank 0; other ranks take part in the gathers and get an empty dict.
     Gathers land on the collective's device and are then copied to the CPU.
@@ -211,7 +217,7 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        name = key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
+        name = unwrapped_name(key)
         if isinstance(value, ShardedTensor):
             # The gather runs on the collective's device (NCCL rejects CPU buffers): allocate there, copy out after.
             device = _collective_device(value)

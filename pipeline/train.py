@@ -10,8 +10,12 @@ failure (``train.max_failures``) the restarted workers resume from the latest on
 the same config and data window (``mtrec train`` again, the default) continues from the previous run's latest one;
 ``fresh=True`` (``--fresh``) starts over, moving the old checkpoints aside (``pipeline/checkpoints.py``).
 
-The finished model leaves in the final checkpoint: rank 0 also writes the unsharded weights (gathered from every
-rank) as safetensors with the model description, so evaluation and serving need no process group.
+With a validation window, every checkpoint also carries the best epoch's model (each rank its own shards, under
+``best``), so a resumed run keeps it. The finished model leaves in the final checkpoint, which is copied to
+``<run_dir>/model``; no worker gathers the model. The driver then writes the unsharded weights as safetensors from
+its DCP folder, tensor by tensor (:func:`pipeline.export.export_weights`: peak memory one saved chunk, never the whole
+model), the best epoch's when there is one, so evaluation and serving need no process group. A warm start from that
+folder reads the DCP checkpoint, each worker only its own shards (:func:`pipeline.worker_state.warm_start`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Any, ClassVar
 import pyarrow.parquet as pq
 
 from features.transform import BatchTransform
-from models.io import model_hash
+from models.io import WEIGHTS_FILE, model_hash
 from models.multitask import output_bias_priors
 from pipeline.checkpoints import CheckpointIdentity, prepare_checkpoints
 from pipeline.config import ExperimentConfig, loggable_config
+from pipeline.export import BEST_PREFIX, export_weights, source_prefix, stored_dcp_keys
 from pipeline.ingest import IngestResult
 from pipeline.progress import (
     SILENT,
@@ -42,6 +47,7 @@ from pipeline.results import StageResult
 from pipeline.runtime import ensure_ray, verbose
 from pipeline.train_worker import VALIDATION_FILE, worker_loop
 from pipeline.validation import resolve_monitor
+from pipeline.worker_state import DCP_DIR
 
 
 @dataclass(frozen=True)
@@ -280,6 +286,10 @@ def train(
     result.checkpoint.to_directory(str(model_dir))
     # The summary travels inside the checkpoint: Result.metrics is not kept by every Ray Train version.
     metrics = json.loads((model_dir / "summary.json").read_text())
+    prefix = source_prefix(stored_dcp_keys(model_dir / DCP_DIR))
+    if (prefix == BEST_PREFIX) != (int(metrics.get("best_epoch", 0)) > 0):
+        raise RuntimeError(f"{model_dir / DCP_DIR}: best epoch {metrics.get('best_epoch')} but weights under {prefix}")
+    export_weights(model_dir / DCP_DIR, model_dir / WEIGHTS_FILE, prefix)
     curve = json.loads((model_dir / "training_curve.json").read_text())
     out = TrainResult(
         model_dir=str(model_dir),

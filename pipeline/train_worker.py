@@ -1,8 +1,9 @@
 """What runs inside each Ray Train worker: build the model on ``meta``, shard it with the planner and DMP, stream
-the worker's shard of the training window, step, checkpoint with ``torch.distributed.checkpoint`` (tensors only:
-DCP unpickles any non-tensor entry when loading), and hand the finished model back in the final checkpoint (rank 0
-also writes the unsharded weights as safetensors with the model description, so evaluation and serving need no
-process group). The driver side is :mod:`pipeline.train`.
+the worker's shard of the training window, step, checkpoint with ``torch.distributed.checkpoint``
+(:mod:`pipeline.worker_state`), and hand the finished model back in the final checkpoint: every rank its own shards
+(with a validation window, also its shards of the best epoch's model), rank 0 the model description. No rank ever
+holds the whole model: the driver side (:mod:`pipeline.train`) writes the unsharded safetensors weights from the
+checkpoint, tensor by tensor (:mod:`pipeline.export`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from features.batch import Batch
@@ -24,7 +24,7 @@ from features.spec import FeatureSpec
 from features.stats import DenseStats
 from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
-from models.io import MODEL_FILE, WEIGHTS_FILE
+from models.io import MODEL_FILE
 from models.multitask import MultiTaskLoss, set_output_bias
 from pipeline.config import ExperimentConfig
 from pipeline.logs import redirect_process_output
@@ -34,36 +34,16 @@ from pipeline.progress import (
 )
 from pipeline.step_stats import LossWindow, autocast_dtype, configure_device_math
 from pipeline.watchdog import watched_batches
+from pipeline.worker_state import (
+    TrainState,
+    load_best,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot_model,
+    warm_start,
+)
 
-STATE_FILE = "train_state.json"
 VALIDATION_FILE = "validation_curve.json"
-BEST_WEIGHTS_FILE = "best_weights.safetensors"  # the validation window's best epoch (rank 0's file in a checkpoint)
-DCP_DIR = "dcp"
-
-
-@dataclass
-class TrainState:
-    """Where training is: saved with every checkpoint so a resumed run continues at the same step and data position.
-
-    ``epoch_samples`` counts the samples of the current epoch consumed by ALL workers, so a run resumed with another
-    worker count skips the same global number of rows.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    epoch_samples: int = 0
-    samples: int = 0
-    world_size: int = 0
-    curve: list[dict[str, float]] = field(default_factory=list)
-    diagnostics: list[dict[str, float]] = field(default_factory=list)
-    # The validation window's per-epoch metrics and rank 0's decisions (identical on every rank: broadcast).
-    validation: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0  # epochs completed when the watched metric was best; 0: none yet
-    best_value: float | None = None
-    stale_epochs: int = 0
-    stopped_early: bool = False
-    # samples/s of each log window; ``epoch_start`` marks an epoch's first window (it pays the stream's start-up).
-    rates: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -134,40 +114,6 @@ def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[s
     return parts.method.total(losses).detach(), losses, diagnostics
 
 
-def _tensor_state(parts: TrainingParts) -> dict[str, Any]:
-    """Model and optimizer state as a tree of tensors only (ShardedTensors for sharded tables)."""
-    optim_state = parts.optimizer.state_dict()["state"]
-    state: dict[str, Any] = {"model": parts.model.state_dict(), "optim": optim_state}
-    extra = parts.method.extra_parameters()  # e.g. uncertainty weighting's log-variances, outside the model
-    if extra:
-        state["method"] = {str(i): p.data for i, p in enumerate(extra)}
-    return state
-
-
-def save_checkpoint(parts: TrainingParts, state: TrainState, folder: Path) -> None:
-    """Collective: every rank writes its shards into ``folder/dcp``; rank 0 adds the train state."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(_tensor_state(parts), checkpoint_id=str(folder / DCP_DIR))
-    if dist.get_rank() == 0:
-        (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
-
-
-def load_checkpoint(parts: TrainingParts, folder: Path) -> TrainState:
-    """Load in place; DCP reads by global offsets, so it also reshards onto another worker count."""
-    import torch.distributed.checkpoint as dcp
-
-    parts.dense_optimizer.init_state()  # Adam's state is lazy: create it so DCP can load into it in place
-    target = _tensor_state(parts)
-    dcp.load(target, checkpoint_id=str(folder / DCP_DIR))
-    parts.model.load_state_dict(target["model"])
-    for i, p in enumerate(parts.method.extra_parameters()):
-        p.data.copy_(target["method"][str(i)])
-    current = parts.optimizer.state_dict()
-    parts.optimizer.load_state_dict({**current, "state": target["optim"]})
-    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
-
-
 def arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False) -> Any:
     """The collate for ``iter_torch_batches``. With ``pin_memory`` (CUDA workers) the batch is also copied into
     page-locked memory there, so the training thread's ``Batch.to(device, non_blocking=True)`` is an asynchronous DMA:
@@ -187,21 +133,16 @@ def arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False
     return _Collate()
 
 
-def _report(
-    parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, torch.Tensor] | None = None
-) -> None:
-    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (rank 0,
-    with a validation window): the best epoch's unsharded weights travel in every checkpoint, so a resumed run still
-    has them."""
+def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, Any] | None) -> None:
+    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (with a
+    validation window): this rank's shards of the best epoch's model travel in every checkpoint, so a resumed run
+    still has them."""
     import tempfile
 
     import ray.train
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(parts, state, Path(tmp))
-        if best is not None:
-            save_file(best, str(Path(tmp) / BEST_WEIGHTS_FILE))
+        save_checkpoint(parts, state, Path(tmp), best)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -252,8 +193,6 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.sharding import gather_state_dict
-
     entered = time.time()  # wall clock, comparable with the driver's: start-up is measured across processes
     cfg = ExperimentConfig.model_validate(config["experiment"])
     spec = FeatureSpec.model_validate(config["spec"])
@@ -272,15 +211,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     built = time.time()
     state = TrainState(world_size=world)
     resumed_from = 0
-    best: dict[str, torch.Tensor] | None = None  # rank 0: the best epoch's unsharded weights
+    best: dict[str, Any] | None = None  # this rank's shards of the best epoch's model
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(parts, Path(folder))
-            if rank == 0 and (Path(folder) / BEST_WEIGHTS_FILE).is_file():
-                from safetensors.torch import load_file
-
-                best = load_file(str(Path(folder) / BEST_WEIGHTS_FILE))
+            best = load_best(parts, Path(folder))
+        if state.best_epoch and best is None:
+            raise RuntimeError(f"the checkpoint records best epoch {state.best_epoch} but holds no copy of its weights")
         resumed_from = state.step
         if rank == 0:
             print(
@@ -290,7 +228,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             )
         state.world_size = world
     elif config.get("warm_start_dir"):
-        _warm_start(parts, Path(config["warm_start_dir"]), rank)
+        warm_start(parts, Path(config["warm_start_dir"]), rank)
     else:
         # Start each output at its label's base rate / mean (same priors on every rank), see output_bias_priors.
         set_output_bias(parts.model, config["output_bias"])
@@ -384,9 +322,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if validation_shard is not None:
                 validation_started = time.perf_counter()
                 if _validate_epoch(parts, state, validation_batches(), spec, cfg, device):
-                    weights = gather_state_dict(parts.model)  # collective; the copy stays on rank 0
-                    # A snapshot: on the CPU the unsharded entries are the live parameters themselves.
-                    best = {k: v.clone() for k, v in weights.items()} if rank == 0 else None
+                    best = snapshot_model(parts.model)  # local: each rank copies its own shards
                 paused = time.perf_counter() - validation_started
                 started, last_log = started + paused, last_log + paused  # samples/s count training time only
                 if rank == 0:
@@ -394,8 +330,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
     loop_seconds = time.perf_counter() - started
 
-    # With a validation window the best epoch's weights are the result; the DCP state stays the last step's.
-    weights = gather_state_dict(parts.model) if state.best_epoch == 0 else (best or {})
+    # With a validation window the best epoch's weights are the result (under "best" in the final checkpoint); the
+    # model and optimizer state stay the last step's.
     metrics = {
         "step": state.step,
         "epoch": state.epoch,
@@ -428,7 +364,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         }
     else:
         metrics_extra = {}
-    _report_final(parts, state, metrics, weights if rank == 0 else None, metrics_extra)
+    _report_final(parts, state, metrics, metrics_extra if rank == 0 else None, best)
 
 
 def steady_rate(rates: list[dict[str, Any]]) -> float:
@@ -444,20 +380,19 @@ def _report_final(
     parts: TrainingParts,
     state: TrainState,
     metrics: dict[str, Any],
-    weights: dict[str, torch.Tensor] | None,
-    extra: dict[str, Any],
+    extra: dict[str, Any] | None,
+    best: dict[str, Any] | None,
 ) -> None:
-    """The final checkpoint: DCP state (for resume/warm start) plus, from rank 0, the unsharded model folder."""
+    """The final checkpoint: the DCP state (every rank's shards, with ``best`` when a validation epoch improved) and,
+    from rank 0 (``extra``), the model description and run records. The driver exports the weights from it."""
     import tempfile
 
     import ray.train
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        save_checkpoint(parts, state, folder)
-        if weights is not None:
-            save_file(weights, str(folder / WEIGHTS_FILE))
+        save_checkpoint(parts, state, folder, best)
+        if extra is not None:
             (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
             (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
             (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
@@ -465,32 +400,3 @@ def _report_final(
             (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
             (folder / "summary.json").write_text(json.dumps(metrics))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _warm_start(parts: TrainingParts, model_dir: Path, rank: int) -> None:
-    """Initialise from a trained model folder (unsharded safetensors): every rank copies its own shards' rows.
-
-    Loading the unsharded weights through DMP's ``load_state_dict`` lets TorchRec slice each table into this rank's
-    shards, whatever the sharding of the model that wrote them.
-    """
-    from safetensors.torch import load_file
-
-    weights = load_file(str(model_dir / WEIGHTS_FILE))
-    own = parts.model.state_dict()
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    with torch.no_grad():
-        for key, target in own.items():
-            name = key.removeprefix("_dmp_wrapped_module.").removeprefix("module.")
-            if name not in weights:
-                raise KeyError(f"warm start: {model_dir} has no weights for '{name}' (architecture changed?)")
-            source = weights[name]
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    rows, cols = shard.metadata.shard_offsets
-                    h, w = shard.metadata.shard_sizes
-                    shard.tensor.copy_(source[rows : rows + h, cols : cols + w])
-            else:
-                target.copy_(source)
-    if rank == 0:
-        print(f"[train] warm start from {model_dir}", flush=True)

@@ -38,7 +38,8 @@ def _worker(rank: int, world: int, port: int, run_dir: str, data_path: str) -> N
     from models.multitask import build_model
     from models.sharding import gather_state_dict
     from pipeline.step_stats import LossWindow
-    from pipeline.train_worker import TrainState, build_training, load_checkpoint, save_checkpoint, train_step
+    from pipeline.train_worker import build_training, train_step
+    from pipeline.worker_state import TrainState, load_checkpoint, save_checkpoint
     from tests.conftest import DRGRAD_SET, small_config
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

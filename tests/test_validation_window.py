@@ -121,4 +121,9 @@ def test_training_keeps_the_best_epoch_and_stops_early(tmp_path: Path, ray_local
 
     evaluated = evaluate(cfg, ingested, trained)  # the evaluation stage scores exactly these weights
     assert evaluated.model_hash == trained.model_hash
+
+    # The same command again resumes from the final checkpoint: the best epoch's weights come back from its shards.
+    again = train(cfg, ingested)
+    assert again.resumed_from_step == trained.steps and again.best_epoch == 1
+    assert again.model_hash == trained.model_hash
     shutil.rmtree(tmp_path / "ray_results", ignore_errors=True)
