@@ -1,0 +1,245 @@
+"""DTRN's encoder blocks on *packed* tokens: the real positions of every behaviour sequence of the batch, in one list.
+
+The TIM encodes all sequences together, for all K tasks at once: tokens are [G, N, d] with G = 1 before the first
+conditional LayerNorm (the first attention does not depend on the task, so it runs once) and G = K after it; each
+token carries its (task, type) pair's generated LayerNorm parameters as a [K, N, d] tensor. A *segment* is one
+sequence of one row (segment ``s * B + row`` for sequence s), so pooling is one weighted segment sum for every task
+and sequence.
+
+Attention runs on a padded layout of the segments with at least two tokens (``scaled_dot_product_attention`` with a
+key-padding mask). A one-token segment attends to itself alone, softmax weight exactly 1, so its output is its own
+value vector; an empty segment has no tokens. No attention row is therefore fully masked, and the padded work
+follows the number of real histories, not B x sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.mlp import MLP
+
+
+def conditional_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``gamma * norm(x) + beta`` with externally generated gamma/beta (broadcast against x's leading dims)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * gamma + beta
+
+
+def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, slots: int, fill: float = 0.0) -> torch.Tensor:
+    """Packed tokens [G, N, ...] -> padded [G, slots, ...] (``fill`` at padding); ``index`` [N] are their slots."""
+    out = tokens.new_full((tokens.shape[0], slots, *tokens.shape[2:]), fill)
+    return out.index_copy(1, index, tokens)
+
+
+def bucket_widths(width: int) -> list[int]:
+    """Padded widths of the attention buckets: powers of two from 2, capped at ``width``."""
+    widths, w = [], 2
+    while w < width:
+        widths.append(w)
+        w *= 2
+    return [*widths, width]
+
+
+@dataclass
+class Packed:
+    """Where the packed tokens of several [B, L_s] masks sit.
+
+    source: [N] each token's index in its own sequence's flattened [B * L_s] layout (sequences one after another);
+    counts: tokens per sequence; segment: [N] ``s * B + row``; position: [N] its position in the row (for position
+    embeddings); lengths: [S * B] tokens per segment; slot: [N] ``segment * width + rank`` in a padded
+    [S * B, width] layout (rank = order among the segment's tokens: left-aligned whatever the mask).
+
+    Attention layout: the segments with >= 2 tokens, bucketed by length into padded blocks ``buckets`` (rows,
+    width) laid end to end (attention cost follows each history's length, not the longest); ``gather`` [slots]: the
+    token at each slot (token 0 at padding: any finite value will do, the key is masked and the query row unread);
+    ``masks``: each block's key-padding mask [rows, width]; ``scatter`` [N]: each token's slot in the blocks'
+    output followed by the N tokens themselves (a one-token segment reads its own value).
+    """
+
+    source: torch.Tensor
+    counts: list[int]
+    segment: torch.Tensor
+    position: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+    slot: torch.Tensor
+    buckets: list[tuple[int, int]]
+    gather: torch.Tensor
+    masks: list[torch.Tensor]
+    scatter: torch.Tensor
+
+    @property
+    def num_segments(self) -> int:
+        return self.lengths.shape[0]
+
+    @staticmethod
+    def of(masks: list[torch.Tensor]) -> Packed:
+        sources, segments, positions, ranks, counts = [], [], [], [], []
+        for s, mask in enumerate(masks):
+            b, length = mask.shape
+            flat = mask.reshape(-1).nonzero().squeeze(1)
+            row = torch.div(flat, length, rounding_mode="floor")
+            sources.append(flat)
+            segments.append(row + s * b)
+            positions.append(flat - row * length)
+            ranks.append((mask.cumsum(dim=1) - 1).reshape(-1).index_select(0, flat))
+            counts.append(flat.shape[0])
+        segment, rank = torch.cat(segments), torch.cat(ranks)
+        lengths = torch.cat([m.sum(dim=1) for m in masks])
+        # The widest mask bounds every segment (no host sync for the batch's longest history).
+        width = max(m.shape[1] for m in masks)
+        device = lengths.device
+        n = segment.shape[0]
+
+        several = (lengths >= 2).nonzero().squeeze(1)  # attended segments
+        widths_list = bucket_widths(width)
+        widths = torch.tensor(widths_list, device=device)
+        seg_lengths = lengths.index_select(0, several)
+        bucket = torch.bucketize(seg_lengths, widths)
+        rows = torch.bincount(bucket, minlength=len(widths_list)).tolist()
+        # Each attended segment's first slot: blocks by bucket, rows within a block in segment order.
+        order = torch.argsort(bucket, stable=True)
+        sorted_pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=device))
+        sizes = [r * w for r, w in zip(rows, widths_list, strict=True)]
+        row_start = torch.tensor([0, *accumulate(rows)][:-1], device=device)
+        slot_start = torch.tensor([0, *accumulate(sizes)][:-1], device=device)
+        first = slot_start[bucket] + (sorted_pos - row_start[bucket]) * widths[bucket]
+        seg_first = torch.full_like(lengths, -1).index_copy_(0, several, first)
+        token_first = seg_first.index_select(0, segment)
+        attended = (token_first >= 0).nonzero().squeeze(1)
+        token_slot = token_first + rank
+        slots = sum(sizes)
+        gather = torch.zeros(slots, dtype=torch.long, device=device)
+        gather = gather.index_copy_(0, token_slot.index_select(0, attended), attended)
+        scatter = torch.where(token_first >= 0, token_slot, slots + torch.arange(n, device=device))
+        seg_lengths = seg_lengths.index_select(0, order)
+        blocks = [(r, w) for r, w in zip(rows, widths_list, strict=True) if r]
+        block_lengths = seg_lengths.split([r for r, _ in blocks])
+        block_masks = [
+            torch.arange(w, device=device)[None, :] < x[:, None]
+            for (_, w), x in zip(blocks, block_lengths, strict=True)
+        ]
+        return Packed(
+            source=torch.cat(sources),
+            counts=counts,
+            segment=segment,
+            position=torch.cat(positions),
+            lengths=lengths,
+            width=width,
+            slot=segment * width + rank,
+            buckets=blocks,
+            gather=gather,
+            masks=block_masks,
+            scatter=scatter,
+        )
+
+
+class PositionEmbedding(nn.Module):
+    """Learned position embeddings (position 0 = newest behaviour), small init so item identity dominates at first."""
+
+    def __init__(self, max_length: int, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(max_length, dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, length: int) -> torch.Tensor:
+        """[length, dim]; positions past ``max_length`` can only be padding (sequences are truncated), so zeros."""
+        if length <= self.weight.shape[0]:
+            return self.weight[:length]
+        return F.pad(self.weight, (0, 0, 0, length - self.weight.shape[0]))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention within each segment of packed tokens [G, N, d] (see the module docstring)."""
+
+    def __init__(self, d_model: int, num_heads: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"dtrn.d_model ({d_model}) must be divisible by dtrn.num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, device=device)
+        self.proj = nn.Linear(d_model, d_model, device=device)
+
+    def forward(self, tokens: torch.Tensor, packed: Packed) -> torch.Tensor:
+        g, n, d = tokens.shape
+        heads = self.num_heads
+        dh = d // heads
+        # Viewed as [3, G, heads, N, dh]: the padded blocks gathered from it come out contiguous per head, ready for
+        # the attention kernel without a transpose.
+        qkv = self.qkv(tokens).view(g, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        outs = []
+        if packed.buckets:
+            padded = qkv.index_select(3, packed.gather).split([r * w for r, w in packed.buckets], dim=3)
+            for (rows, width), block, mask in zip(packed.buckets, padded, packed.masks, strict=True):
+                # Batch = (G, head), "heads" = the block's rows: the mask [rows, width] broadcasts over G and heads.
+                q, k, v = block.reshape(3, g * heads, rows, width, dh).unbind(0)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, :, None, :])
+                outs.append(out.reshape(g, heads, rows * width, dh))
+        out = torch.cat([*outs, qkv[2]], dim=2).index_select(2, packed.scatter)  # [G, heads, N, dh]
+        return self.proj(out.transpose(1, 2).reshape(g, n, d))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN Transformer layer whose two LayerNorms are conditional: parameters come from the hypernetwork."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, device: torch.device | None) -> None:
+        super().__init__()
+        self.attention = SelfAttention(d_model, num_heads, device)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, ffn_dim, device=device), nn.ReLU(), nn.Linear(ffn_dim, d_model, device=device)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, tokens: torch.Tensor, packed: Packed, gamma: list[torch.Tensor], beta: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """tokens [G, N, d] with G = 1 (not yet conditioned) or K; gamma, beta: the layer's two LayerNorms, each
+        [K, N, d] (every token's (task, type) pair's). Returns [K, N, d]."""
+        attn = self.attention(tokens, packed)
+        x = conditional_layer_norm(tokens + self.dropout(attn), gamma[0], beta[0])
+        return conditional_layer_norm(x + self.dropout(self.ffn(x)), gamma[1], beta[1])
+
+
+class TargetAttention(nn.Module):
+    """DIN-style pooling: weight each position by ``MLP([h, q, h - q, h * q])`` with the candidate item q,
+    softmax over the segment's real positions (our reading; DIN itself does not normalise), weighted sum.
+
+    The first scorer layer is an ordinary ``nn.Linear(4d, H)``; it is applied in its expanded form
+    ``(W_h + W_d) h + (W_q - W_d) q + W_p (h * q) + b``, which is exactly the same function without building the
+    [.., 4d] concatenation, and the q term is computed once per segment instead of once per position.
+    """
+
+    def __init__(self, d_model: int, hidden: list[int], device: torch.device | None = None) -> None:
+        super().__init__()
+        # The encoder ends with a LayerNorm; normalising the query puts q on the same scale as the keys (raw TorchRec
+        # rows start tiny: uniform +-1/sqrt(num_embeddings)).
+        self.query_norm = nn.LayerNorm(d_model, device=device)
+        self.first = nn.Linear(4 * d_model, hidden[0] if hidden else 1, device=device)
+        self.rest: nn.Module = (
+            nn.Sequential(nn.ReLU(), MLP(hidden[0], hidden[1:], 0.0, device), nn.Linear(hidden[-1], 1, device=device))
+            if hidden
+            else nn.Identity()
+        )
+
+    def weights(self, tokens: torch.Tensor, packed: Packed, query: torch.Tensor) -> torch.Tensor:
+        """tokens [K, N, d], query [S * B, d] (each segment's candidate) -> softmax weights [K, N] per segment."""
+        k, _, d = tokens.shape
+        q = self.query_norm(query)
+        w_h, w_q, w_diff, w_prod = self.first.weight.split(d, dim=1)
+        q_term = F.linear(q, w_q - w_diff, self.first.bias).index_select(0, packed.segment)  # [N, H]
+        q_tok = q.index_select(0, packed.segment)
+        pre = F.linear(tokens, w_h + w_diff) + q_term + F.linear(tokens * q_tok, w_prod)
+        scores = self.rest(pre).squeeze(-1)  # [K, N]
+        # Softmax within each segment on the padded layout, padding at the dtype's minimum (a segment without tokens
+        # then gets uniform weights over padding, which no token reads: no NaN).
+        slots = packed.num_segments * packed.width
+        padded = scatter_tokens(scores, packed.slot, slots, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(padded.view(k, packed.num_segments, packed.width), dim=-1)
+        return weights.view(k, slots).index_select(1, packed.slot)
