@@ -238,6 +238,15 @@ class TRM(nn.Module):
         a = self.weights(task, fields)
         return torch.cat([a[:, i : i + 1] * f for i, f in enumerate(fields)], dim=1)
 
+    def weights_all(self, z: torch.Tensor) -> torch.Tensor:
+        """Every task's excitation at once: z [K, B, F] (task k's squeezed fields) -> a [K, B, F]."""
+        first = [e[0] for e in self.excite]
+        last = [e[2] for e in self.excite]
+        w1, b1 = torch.stack([m.weight for m in first]), torch.stack([m.bias for m in first])
+        w2, b2 = torch.stack([m.weight for m in last]), torch.stack([m.bias for m in last])
+        hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), z, w1.transpose(1, 2)))
+        return self.scale * torch.sigmoid(torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)))
+
 
 def candidate_field(spec: FeatureSpec, table: str) -> str | None:
     """The single-valued feature that is the candidate for sequences of ``table`` (role item first)."""
@@ -314,9 +323,17 @@ class DTRNBottom(nn.Module):
         return fields + list(interests[task].unbind(0))
 
     def forward(self, out: SparseOutput, dense: torch.Tensor) -> list[torch.Tensor]:
-        u = self.interests(out)
-        hs = []
-        for k in range(self.num_tasks):
-            h = self.trm(k, self.task_fields(out, dense, u, k))
-            hs.append(h if self.dense_field else torch.cat([h, dense], dim=1))
-        return hs
+        """h_k for every task: ``trm(k, task_fields(..., k))`` computed for all tasks in one batched pass (the
+        fields shared by the tasks are squeezed and concatenated once)."""
+        u = self.interests(out)  # [K, M, B, d]
+        k, m, b, d = u.shape
+        shared = [out.fields[f] for f in self.fields] + ([dense] if self.dense_field else [])
+        z_shared = torch.stack([f.mean(dim=-1) for f in shared], dim=1)  # [B, F - M]
+        z = torch.cat([z_shared.expand(k, -1, -1), u.mean(dim=-1).transpose(1, 2)], dim=2)  # [K, B, F]
+        a = self.trm.weights_all(z)
+        e = torch.cat([torch.cat(shared, dim=1).expand(k, -1, -1), u.permute(0, 2, 1, 3).reshape(k, b, m * d)], dim=2)
+        widths = torch.tensor([f.shape[1] for f in shared] + [d] * m, device=e.device)
+        h = a.index_select(2, torch.repeat_interleave(torch.arange(len(widths), device=e.device), widths)) * e
+        if not self.dense_field:
+            h = torch.cat([h, dense.expand(k, -1, -1)], dim=2)
+        return list(h.unbind(0))

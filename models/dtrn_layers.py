@@ -26,7 +26,7 @@ from models.mlp import MLP
 
 def conditional_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``gamma * norm(x) + beta`` with externally generated gamma/beta (broadcast against x's leading dims)."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * gamma + beta
+    return torch.addcmul(beta, F.layer_norm(x, x.shape[-1:], eps=eps), gamma)  # one pass instead of two
 
 
 def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, slots: int, fill: float = 0.0) -> torch.Tensor:

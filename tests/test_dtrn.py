@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from features.spec import parse_feature_spec
+from features.spec import FeatureSpec, parse_feature_spec
 from models.config import DTRNConfig
 from models.dtrn import TIM, DTRNBottom
 from models.net import field_dims, sequence_dim
+from models.sparse_output import SparseOutput
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 40
@@ -103,14 +104,18 @@ def make_inputs(
     return sequences, queries
 
 
-def build_bottom(poolings: list[str | None], **dtrn: object) -> tuple[DTRNBottom, int]:
+def bottom_spec(poolings: list[str | None] | None = None) -> FeatureSpec:
     raw = yaml.safe_load((REPO / "configs/features/behaviour_logs.yaml").read_text())
     for t in raw["tables"]:
         t["num_buckets"] = min(t["num_buckets"], 50)
-    for s, p in zip(raw["sequences"], poolings, strict=True):
+    for s, p in zip(raw["sequences"], poolings or [None] * len(raw["sequences"]), strict=True):
         if p is not None:
             s["pooling"] = p
-    spec = parse_feature_spec(raw)
+    return parse_feature_spec(raw)
+
+
+def build_bottom(poolings: list[str | None], **dtrn: object) -> tuple[DTRNBottom, int]:
+    spec = bottom_spec(poolings)
     cfg = DTRNConfig.model_validate(
         {"num_layers": 2, "num_heads": 2, "ffn_dim": 16, "hyper_hidden": 8, "attention_mlp": [8, 4], **dtrn}
     )
@@ -169,3 +174,36 @@ def test_tim_matches_per_task_reference(case: str, holes: bool, dtype: torch.dty
         assert torch.all(u_new[:, m, 1].abs().sum(-1) > 0)
     # The tasks differ (the hypernetwork's LayerNorms reach the pooled vectors).
     assert (u_new[0] - u_new[1]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("dense_field", [True, False], ids=["dense_reweighted", "dense_passed"])
+def test_bottom_matches_per_task_trm(dense_field: bool) -> None:
+    """The bottom's h_k, computed for all tasks at once, against TRM applied task by task to ``task_fields``."""
+    bottom, seq_dim = build_bottom([None, "sum", "mean"], trm_dense_field=dense_field)
+    bottom.to(torch.float64)
+    sequences, queries = make_inputs(bottom, seq_dim, holes=False, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    dims = field_dims(bottom_spec())
+    fields = {f: torch.randn(BATCH, dims[f], generator=g, dtype=torch.float64).requires_grad_() for f in bottom.fields}
+    fields["item_id"] = queries[0]  # the candidate the attention-pooled sequence reads
+    assert fields["item_id"] is not None
+    out = SparseOutput(fields=fields, sequences=dict(zip(bottom.sequences, sequences, strict=True)))
+    dense = torch.randn(BATCH, bottom_spec().dense_width, generator=g, dtype=torch.float64).requires_grad_()
+    leaves: list[torch.Tensor] = [*fields.values(), dense, *(s for s, _ in sequences), *bottom.parameters()]
+
+    def grads(hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        loss = sum((h * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)).sum() for h in hs)
+        got = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [torch.zeros_like(x) if gr is None else gr for gr, x in zip(got, leaves, strict=True)]
+
+    u = bottom.interests(out)
+    reference = []
+    for k in range(bottom.num_tasks):
+        h = bottom.trm(k, bottom.task_fields(out, dense, u, k))
+        reference.append(h if dense_field else torch.cat([h, dense], dim=1))
+    batched = bottom(out, dense)
+    assert [h.shape for h in batched] == [(BATCH, bottom.out_dim)] * bottom.num_tasks
+    for a, b in zip(batched, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for a, b in zip(grads(batched), grads(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
