@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -240,8 +241,8 @@ class TRM(nn.Module):
 
     def weights_all(self, z: torch.Tensor) -> torch.Tensor:
         """Every task's excitation at once: z [K, B, F] (task k's squeezed fields) -> a [K, B, F]."""
-        first = [e[0] for e in self.excite]
-        last = [e[2] for e in self.excite]
+        first = [cast(nn.Linear, cast(nn.Sequential, e)[0]) for e in self.excite]
+        last = [cast(nn.Linear, cast(nn.Sequential, e)[2]) for e in self.excite]
         w1, b1 = torch.stack([m.weight for m in first]), torch.stack([m.bias for m in first])
         w2, b2 = torch.stack([m.weight for m in last]), torch.stack([m.bias for m in last])
         hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), z, w1.transpose(1, 2)))
