@@ -162,13 +162,16 @@ class TIM(nn.Module):
         x = self.project(raw)
         if self.position is not None:
             x = x + self.position(packed.width).index_select(0, packed.position)
-        token_type = torch.repeat_interleave(
-            torch.tensor(types, device=x.device), torch.tensor(packed.counts, device=x.device)
-        )
-        # Each token's (task, type) LayerNorm parameters, [K, N, d] per LayerNorm: gathered one LayerNorm at a time
-        # (contiguous, and their gradients accumulate straight into the small [K, T, d] slices).
-        gammas = [gamma[:, :, j].index_select(1, token_type) for j in range(self.num_norms)]
-        betas = [beta[:, :, j].index_select(1, token_type) for j in range(self.num_norms)]
+
+        # Each token's (task, type) LayerNorm parameters, [K, N, d] per LayerNorm. Tokens come sequence by sequence,
+        # so these are each sequence's pair broadcast over its tokens: the backward is a sum per block rather than
+        # an index_add over every token.
+        def per_token(p: torch.Tensor, j: int) -> torch.Tensor:
+            blocks = [p[:, t, j, None, :].expand(-1, n, -1) for t, n in zip(types, packed.counts, strict=True)]
+            return torch.cat(blocks, dim=1)
+
+        gammas = [per_token(gamma, j) for j in range(self.num_norms)]
+        betas = [per_token(beta, j) for j in range(self.num_norms)]
         tokens = x.unsqueeze(0)  # [1, N, d]: the first attention is task-independent, so it runs once, not K times
         for i, layer in enumerate(self.layers):
             tokens = layer(tokens, packed, gammas[2 * i : 2 * i + 2], betas[2 * i : 2 * i + 2])
@@ -333,8 +336,12 @@ class DTRNBottom(nn.Module):
         z = torch.cat([z_shared.expand(k, -1, -1), u.mean(dim=-1).transpose(1, 2)], dim=2)  # [K, B, F]
         a = self.trm.weights_all(z)
         e = torch.cat([torch.cat(shared, dim=1).expand(k, -1, -1), u.permute(0, 2, 1, 3).reshape(k, b, m * d)], dim=2)
+        # a_k,i repeated over field i's columns, as a product with the 0/1 [F, D] expansion (exact; a gather's
+        # backward would be a scatter-add).
         widths = torch.tensor([f.shape[1] for f in shared] + [d] * m, device=e.device)
-        h = a.index_select(2, torch.repeat_interleave(torch.arange(len(widths), device=e.device), widths)) * e
+        column_field = torch.repeat_interleave(torch.arange(len(widths), device=e.device), widths)
+        expand = F.one_hot(column_field, len(widths)).t().to(a.dtype)
+        h = torch.matmul(a, expand) * e
         if not self.dense_field:
             h = torch.cat([h, dense.expand(k, -1, -1)], dim=2)
         return list(h.unbind(0))

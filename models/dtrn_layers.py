@@ -168,22 +168,23 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, device=device)
 
     def forward(self, tokens: torch.Tensor, packed: Packed) -> torch.Tensor:
-        g, n, d = tokens.shape
+        g, _, d = tokens.shape
         heads = self.num_heads
         dh = d // heads
-        # Viewed as [3, G, heads, N, dh]: the padded blocks gathered from it come out contiguous per head, ready for
-        # the attention kernel without a transpose.
-        qkv = self.qkv(tokens).view(g, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(tokens)  # [G, N, 3d], position-wise: padding costs nothing here
         outs = []
         if packed.buckets:
-            padded = qkv.index_select(3, packed.gather).split([r * w for r, w in packed.buckets], dim=3)
+            # Whole [3d] rows gathered into the padded blocks (a contiguous row copy per slot); the kernel reads q, k
+            # and v through strided views.
+            padded = qkv.index_select(1, packed.gather).split([r * w for r, w in packed.buckets], dim=1)
             for (rows, width), block, mask in zip(packed.buckets, padded, packed.masks, strict=True):
+                qkv_b = block.view(g, rows, width, 3, heads, dh).permute(3, 0, 4, 1, 2, 5)  # [3, G, heads, R, W, dh]
                 # Batch = (G, head), "heads" = the block's rows: the mask [rows, width] broadcasts over G and heads.
-                q, k, v = block.reshape(3, g * heads, rows, width, dh).unbind(0)
+                q, k, v = (x.reshape(g * heads, rows, width, dh) for x in qkv_b.unbind(0))
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, :, None, :])
-                outs.append(out.reshape(g, heads, rows * width, dh))
-        out = torch.cat([*outs, qkv[2]], dim=2).index_select(2, packed.scatter)  # [G, heads, N, dh]
-        return self.proj(out.transpose(1, 2).reshape(g, n, d))
+                outs.append(out.view(g, heads, rows, width, dh).permute(0, 2, 3, 1, 4).reshape(g, rows * width, d))
+        out = torch.cat([*outs, qkv[..., 2 * d :]], dim=1).index_select(1, packed.scatter)  # [G, N, d]
+        return self.proj(out)
 
 
 class EncoderLayer(nn.Module):
