@@ -213,8 +213,8 @@ class TargetAttention(nn.Module):
     softmax over the segment's real positions (our reading; DIN itself does not normalise), weighted sum.
 
     The first scorer layer is an ordinary ``nn.Linear(4d, H)``; it is applied in its expanded form
-    ``(W_h + W_d) h + (W_q - W_d) q + W_p (h * q) + b``, which is exactly the same function without building the
-    [.., 4d] concatenation, and the q term is computed once per segment instead of once per position.
+    ``[W_h + W_d, W_p] [h, h * q] + (W_q - W_d) q + b``, which is exactly the same function with a [.., 2d] input
+    instead of [.., 4d], and the q term is computed once per segment instead of once per position.
     """
 
     def __init__(self, d_model: int, hidden: list[int], device: torch.device | None = None) -> None:
@@ -236,7 +236,8 @@ class TargetAttention(nn.Module):
         w_h, w_q, w_diff, w_prod = self.first.weight.split(d, dim=1)
         q_term = F.linear(q, w_q - w_diff, self.first.bias).index_select(0, packed.segment)  # [N, H]
         q_tok = q.index_select(0, packed.segment)
-        pre = F.linear(tokens, w_h + w_diff) + q_term + F.linear(tokens * q_tok, w_prod)
+        # The h and h * q terms as one product over [h, h * q]: one wider matmul instead of two and an add.
+        pre = F.linear(torch.cat([tokens, tokens * q_tok], dim=-1), torch.cat([w_h + w_diff, w_prod], dim=1)) + q_term
         scores = self.rest(pre).squeeze(-1)  # [K, N]
         # Softmax within each segment on the padded layout, padding at the dtype's minimum (a segment without tokens
         # then gets uniform weights over padding, which no token reads: no NaN).
