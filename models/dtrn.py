@@ -204,8 +204,11 @@ class TIM(nn.Module):
         if attended is None:
             return fixed
         is_attended = torch.cat(
-            [torch.full((n,), p == "target_attention") for n, p in zip(packed.counts, self.poolings, strict=True)]
-        ).to(tokens.device)
+            [
+                torch.full((n,), p == "target_attention", device=tokens.device)
+                for n, p in zip(packed.counts, self.poolings, strict=True)
+            ]
+        )
         return torch.where(is_attended, attended, fixed)
 
 
@@ -338,9 +341,7 @@ class DTRNBottom(nn.Module):
         e = torch.cat([torch.cat(shared, dim=1).expand(k, -1, -1), u.permute(0, 2, 1, 3).reshape(k, b, m * d)], dim=2)
         # a_k,i repeated over field i's columns, as a product with the 0/1 [F, D] expansion (exact; a gather's
         # backward would be a scatter-add).
-        widths = torch.tensor([f.shape[1] for f in shared] + [d] * m, device=e.device)
-        column_field = torch.repeat_interleave(torch.arange(len(widths), device=e.device), widths)
-        expand = F.one_hot(column_field, len(widths)).t().to(a.dtype)
+        expand = torch.block_diag(*[a.new_ones(1, f.shape[1]) for f in shared], *[a.new_ones(1, d)] * m)  # [F, D]
         h = torch.matmul(a, expand) * e
         if not self.dense_field:
             h = torch.cat([h, dense.expand(k, -1, -1)], dim=2)

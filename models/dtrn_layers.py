@@ -15,7 +15,6 @@ follows the number of real histories, not B x sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -95,34 +94,33 @@ class Packed:
         device = lengths.device
         n = segment.shape[0]
 
-        several = (lengths >= 2).nonzero().squeeze(1)  # attended segments
-        widths_list = bucket_widths(width)
-        widths = torch.tensor(widths_list, device=device)
+        # Attended segments (>= 2 tokens) in blocks by length: block i holds the lengths in (widths[i-1], widths[i]].
+        # Block sizes come from nonzero (the one data-dependent op here), never from a host read of a tensor.
+        several = (lengths >= 2).nonzero().squeeze(1)
         seg_lengths = lengths.index_select(0, several)
-        bucket = torch.bucketize(seg_lengths, widths)
-        rows = torch.bincount(bucket, minlength=len(widths_list)).tolist()
-        # Each attended segment's first slot: blocks by bucket, rows within a block in segment order.
-        order = torch.argsort(bucket, stable=True)
-        sorted_pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=device))
-        sizes = [r * w for r, w in zip(rows, widths_list, strict=True)]
-        row_start = torch.tensor([0, *accumulate(rows)][:-1], device=device)
-        slot_start = torch.tensor([0, *accumulate(sizes)][:-1], device=device)
-        first = slot_start[bucket] + (sorted_pos - row_start[bucket]) * widths[bucket]
-        seg_first = torch.full_like(lengths, -1).index_copy_(0, several, first)
+        widths = bucket_widths(width)
+        bucket = torch.zeros_like(seg_lengths)
+        for w in widths[:-1]:
+            bucket = bucket + (seg_lengths > w).long()
+        first = torch.zeros_like(several)  # each attended segment's first slot
+        blocks, block_masks, slots = [], [], 0
+        for i, w in enumerate(widths):
+            members = (bucket == i).nonzero().squeeze(1)
+            rows = members.shape[0]
+            if not rows:
+                continue
+            first = first.index_copy(0, members, slots + torch.arange(rows, device=device) * w)
+            lengths_i = seg_lengths.index_select(0, members)
+            block_masks.append(torch.arange(w, device=device)[None, :] < lengths_i[:, None])
+            blocks.append((rows, w))
+            slots += rows * w
+        seg_first = torch.full_like(lengths, -1).index_copy(0, several, first)
         token_first = seg_first.index_select(0, segment)
         attended = (token_first >= 0).nonzero().squeeze(1)
         token_slot = token_first + rank
-        slots = sum(sizes)
         gather = torch.zeros(slots, dtype=torch.long, device=device)
-        gather = gather.index_copy_(0, token_slot.index_select(0, attended), attended)
+        gather = gather.index_copy(0, token_slot.index_select(0, attended), attended)
         scatter = torch.where(token_first >= 0, token_slot, slots + torch.arange(n, device=device))
-        seg_lengths = seg_lengths.index_select(0, order)
-        blocks = [(r, w) for r, w in zip(rows, widths_list, strict=True) if r]
-        block_lengths = seg_lengths.split([r for r, _ in blocks])
-        block_masks = [
-            torch.arange(w, device=device)[None, :] < x[:, None]
-            for (_, w), x in zip(blocks, block_lengths, strict=True)
-        ]
         return Packed(
             source=torch.cat(sources),
             counts=counts,
