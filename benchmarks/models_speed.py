@@ -7,7 +7,9 @@ then for every architecture (the ``model:`` sections of ``configs/experiments/*.
 a YAML) builds the unsharded model under a fixed seed and times full training steps on those same batches (forward,
 the losses, backward, Adam on dense parameters and fused Adagrad on the tables: ``pipeline.local.train_step``)
 and the forward pass alone (inference). Reports wall time and this process's CPU time per step: on a shared machine
-the CPU time is the steadier number. Single-threaded by default (``--threads``).
+the CPU time is the steadier number. Single-threaded by default (``--threads``). Prints each DTRN variant's CPU step
+time over its plain counterpart's (``dtrn_mmoe/mmoe``: what DTRN's bottom costs on the same top) and the machine's
+load average, both also in the JSON.
 
 Also prints the parameter report of every architecture and, for DTRN, the TIM's shared encoder + hypernetwork beside
 K x M separate encoders, at the configured size and at a larger encoder (``--large``: d_model 64, 2 layers, FFN 256).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/models_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     spec = load_feature_spec(REPO / "configs/features/behaviour_logs.yaml")
 
     reports: dict[str, dict[str, int | float]] = {}
@@ -175,13 +179,26 @@ def main() -> None:
             f"{t['inference_ms_cpu_median']:.1f}",
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # DTRN's cost over the same top without it: each DTRN variant beside its plain counterpart, when both ran.
+    ratios = {
+        f"{name}/{name.removeprefix('dtrn_')}": t["step_ms_cpu_median"]
+        / timings[name.removeprefix("dtrn_")]["step_ms_cpu_median"]
+        for name, t in timings.items()
+        if name.startswith("dtrn_") and name.removeprefix("dtrn_") in timings
+    }
+    for pair, r in ratios.items():
+        print(f"step (CPU) {pair}: {r:.2f}x")
+    load = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "sequence_fill": seq_fill,
+                "load_average": {"start": list(load_start), "end": list(load)},
                 "timings": timings,
+                "step_ratios_cpu": ratios,
                 "parameters": reports,
                 "parameters_large_dtrn": large,
             },

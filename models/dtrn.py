@@ -14,11 +14,13 @@ the feature spec overrides ``dtrn.pooling``).
 u_k1 .. u_kM] are reweighted SENet-style: ``z_i = mean(e_i)``, ``a_k = act(W2_k relu(W1_k z))``, ``e_i^k = a_k,i e_i``;
 ``h_k`` is the concatenation. Task k's top input is h_k.
 
-Padding is masked everywhere: the encoder works on *packed* tokens (the batch's real positions only), so padding
-never enters the position-wise layers or the pooling, and attention sees it only as masked keys; a user with an empty
-sequence gets a zero interest vector (finite, no NaN from an all-masked softmax). Packing also makes the encoder's
-cost follow the real history lengths rather than ``max_length``. The first attention layer is task-independent (no
-LayerNorm has been applied yet), so it runs once per sequence, not once per task.
+Padding is masked everywhere: the encoder works on *packed* tokens (the batch's real positions only, every sequence
+in one list, ``models/dtrn_layers.py``), so padding never enters the position-wise layers or the pooling, and
+attention sees it only as masked keys; a user with an empty sequence gets a zero interest vector. Packing also makes
+the encoder's cost follow the real history lengths rather than ``max_length``. The K task-conditioned encodings are
+one batched computation: tokens carry a leading task axis and each token its (task, type) pair's generated LayerNorm
+parameters, so there is no loop over tasks or sequences. The first attention layer is task-independent (no
+LayerNorm has been applied yet), so it runs once, not once per task.
 
 Meta device: every parameter lives in a standard layer (``nn.Linear``, ``nn.LayerNorm``) or in a module with its own
 ``reset_parameters`` that (re)initialises everything beneath it. TorchRec's DMP materialises a meta model by calling
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +41,8 @@ from torch import nn
 
 from features.spec import FeatureSpec
 from models.config import DTRNConfig
-from models.mlp import MLP
+from models.dtrn_layers import EncoderLayer, Packed, PositionEmbedding, TargetAttention
 from models.sparse_output import SparseOutput
-
-
-def conditional_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """``gamma * norm(x) + beta`` with externally generated gamma/beta (broadcast against x's leading dims)."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * gamma + beta
 
 
 class HyperNetwork(nn.Module):
@@ -97,122 +95,6 @@ class HyperNetwork(nn.Module):
         return 1.0 + out[:, :, 0], out[:, :, 1]
 
 
-class PositionEmbedding(nn.Module):
-    """Learned position embeddings (position 0 = newest behaviour), small init so item identity dominates at first."""
-
-    def __init__(self, max_length: int, dim: int, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(max_length, dim, device=device))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
-
-    def forward(self, length: int) -> torch.Tensor:
-        """[length, dim]; positions past ``max_length`` can only be padding (sequences are truncated), so zeros."""
-        if length <= self.weight.shape[0]:
-            return self.weight[:length]
-        return F.pad(self.weight, (0, 0, 0, length - self.weight.shape[0]))
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over [N, L, d] with a key-padding mask [N, L] (True = real position).
-
-    Rows without any real position attend to every position instead (an all-masked softmax is NaN); their outputs
-    are garbage but finite, and the pooling drops them.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, device: torch.device | None = None) -> None:
-        super().__init__()
-        if d_model % num_heads:
-            raise ValueError(f"dtrn.d_model ({d_model}) must be divisible by dtrn.num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, device=device)
-        self.proj = nn.Linear(d_model, d_model, device=device)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        n, length, d = x.shape
-        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        attend = mask | ~mask.any(dim=1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :])
-        return self.proj(out.transpose(1, 2).reshape(n, length, d))
-
-
-def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, slots: int, fill: float = 0.0) -> torch.Tensor:
-    """Packed tokens [G, N, ...] -> padded [G, slots, ...] (``fill`` at padding); ``index`` [N] are their slots."""
-    out = tokens.new_full((tokens.shape[0], slots, *tokens.shape[2:]), fill)
-    return out.index_copy(1, index, tokens)
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN Transformer layer whose two LayerNorms are conditional: parameters come from the hypernetwork.
-
-    Works on *packed* tokens (only the real positions of the batch, row-major), so the position-wise work (FFN,
-    LayerNorms) skips padding; attention scatters them back to the padded [B, L] layout with a key-padding mask.
-    """
-
-    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, device: torch.device | None) -> None:
-        super().__init__()
-        self.attention = SelfAttention(d_model, num_heads, device)
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, ffn_dim, device=device), nn.ReLU(), nn.Linear(ffn_dim, d_model, device=device)
-        )
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self, tokens: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
-    ) -> torch.Tensor:
-        """tokens [G, N, d] with G = 1 (not yet conditioned) or K; index [N]: each token's slot in the flattened
-        [B * L] mask; gamma, beta [K, 2, d]. Returns [K, N, d]."""
-        g, _, d = tokens.shape
-        b, length = mask.shape
-        padded = scatter_tokens(tokens, index, b * length).view(g * b, length, d)
-        attn = self.attention(padded, mask.repeat(g, 1)).view(g, b * length, d).index_select(1, index)
-        x = conditional_layer_norm(tokens + self.dropout(attn), gamma[:, None, 0], beta[:, None, 0])
-        return conditional_layer_norm(x + self.dropout(self.ffn(x)), gamma[:, None, 1], beta[:, None, 1])
-
-
-class TargetAttention(nn.Module):
-    """DIN-style pooling: weight each position by ``MLP([h, q, h - q, h * q])`` with the candidate item q,
-    softmax over the row's real positions (our reading; DIN itself does not normalise), weighted sum.
-
-    The first scorer layer is an ordinary ``nn.Linear(4d, H)``; it is applied in its expanded form
-    ``(W_h + W_d) h + (W_q - W_d) q + W_p (h * q) + b``, which is exactly the same function without building the
-    [.., 4d] concatenation, and the q term is computed once per row instead of once per position.
-    """
-
-    def __init__(self, d_model: int, hidden: list[int], device: torch.device | None = None) -> None:
-        super().__init__()
-        # The encoder ends with a LayerNorm; normalising the query puts q on the same scale as the keys (raw TorchRec
-        # rows start tiny: uniform +-1/sqrt(num_embeddings)).
-        self.query_norm = nn.LayerNorm(d_model, device=device)
-        self.first = nn.Linear(4 * d_model, hidden[0] if hidden else 1, device=device)
-        self.rest: nn.Module = (
-            nn.Sequential(nn.ReLU(), MLP(hidden[0], hidden[1:], 0.0, device), nn.Linear(hidden[-1], 1, device=device))
-            if hidden
-            else nn.Identity()
-        )
-
-    def forward(
-        self, tokens: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, query: torch.Tensor, length: int
-    ) -> torch.Tensor:
-        """tokens [K, N, d] (packed), rows [N]: each token's row, index [N]: its slot in [B * length], query [B, d].
-        Returns pooled [K, B, d]; rows without tokens pool to 0."""
-        k, _, d = tokens.shape
-        b = query.shape[0]
-        q = self.query_norm(query)
-        w_h, w_q, w_diff, w_prod = self.first.weight.split(d, dim=1)
-        q_term = F.linear(q, w_q - w_diff, self.first.bias)[rows]  # [N, H]
-        q_tok = q[rows]
-        pre = F.linear(tokens, w_h + w_diff) + q_term + F.linear(tokens * q_tok, w_prod)
-        scores = self.rest(pre).squeeze(-1)  # [K, N]
-        # Softmax within each row: back to the padded layout, padding at the dtype's minimum (a row without tokens
-        # then gets uniform weights over padding, which no token reads: no NaN).
-        padded = scatter_tokens(scores, index, b * length, torch.finfo(scores.dtype).min).view(k, b, length)
-        weights = torch.softmax(padded, dim=-1).view(k, b * length).index_select(1, index)
-        return tokens.new_zeros(k, b, d).index_add(1, rows, weights.unsqueeze(-1) * tokens)
-
-
 class TIM(nn.Module):
     """Task-specific interest module: every behaviour sequence encoded once per task by the shared encoder with that
     (task, type) pair's generated LayerNorms, then pooled into an interest vector."""
@@ -258,22 +140,6 @@ class TIM(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_proj is None else self.input_proj(x)
 
-    def encode(
-        self, seq: torch.Tensor, mask: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """seq [B, L, d_in], mask [B, L], gamma/beta [K, num_norms, d] -> (tokens [K, N, d] of the N real positions,
-        row-major, and their slots [N] in the flattened [B * L] layout)."""
-        b, length, _ = seq.shape
-        index = mask.reshape(-1).nonzero().squeeze(1)
-        x = self.project(seq)
-        if self.position is not None:
-            x = x + self.position(length)
-        # [1, N, d]: the first attention is task-independent, so it runs once, not K times.
-        tokens = x.reshape(b * length, -1).index_select(0, index).unsqueeze(0)
-        for i, layer in enumerate(self.layers):
-            tokens = layer(tokens, index, mask, gamma[:, 2 * i : 2 * i + 2], beta[:, 2 * i : 2 * i + 2])
-        return tokens, index
-
     def forward(
         self,
         sequences: list[tuple[torch.Tensor, torch.Tensor]],
@@ -284,20 +150,66 @@ class TIM(nn.Module):
         candidate item [B, d_in] for each sequence pooled by target attention (None for the others). Returns
         interests [K, M, B, d]."""
         gamma, beta = self.hyper()  # [K, T, num_norms, d]
-        pooled = []
-        for i, ((seq, mask), t, query) in enumerate(zip(sequences, types, queries, strict=True)):
-            tokens, index = self.encode(seq, mask, gamma[:, t], beta[:, t])
-            b, length = mask.shape
-            rows = torch.div(index, length, rounding_mode="floor")
-            if self.poolings[i] == "target_attention":
-                assert query is not None and self.pool is not None
-                pooled.append(self.pool(tokens, rows, index, self.project(query), length))
-                continue
-            total = tokens.new_zeros(tokens.shape[0], b, self.d_model).index_add(1, rows, tokens)
-            if self.poolings[i] == "mean":
-                total = total / mask.sum(dim=1).clamp_min(1).to(tokens.dtype)[None, :, None]
-            pooled.append(total)
-        return torch.stack(pooled, dim=1)
+        packed = Packed.of([mask for _, mask in sequences])
+        b = sequences[0][1].shape[0]
+        d = self.d_model
+        raw = torch.cat(
+            [
+                seq.reshape(-1, seq.shape[-1]).index_select(0, src)
+                for (seq, _), src in zip(sequences, packed.source.split(packed.counts), strict=True)
+            ]
+        )
+        x = self.project(raw)
+        if self.position is not None:
+            x = x + self.position(packed.width).index_select(0, packed.position)
+
+        # Each token's (task, type) LayerNorm parameters, [K, N, d] per LayerNorm. Tokens come sequence by sequence,
+        # so these are each sequence's pair broadcast over its tokens: the backward is a sum per block rather than
+        # an index_add over every token.
+        def per_token(p: torch.Tensor, j: int) -> torch.Tensor:
+            blocks = [p[:, t, j, None, :].expand(-1, n, -1) for t, n in zip(types, packed.counts, strict=True)]
+            return torch.cat(blocks, dim=1)
+
+        gammas = [per_token(gamma, j) for j in range(self.num_norms)]
+        betas = [per_token(beta, j) for j in range(self.num_norms)]
+        tokens = x.unsqueeze(0)  # [1, N, d]: the first attention is task-independent, so it runs once, not K times
+        for i, layer in enumerate(self.layers):
+            tokens = layer(tokens, packed, gammas[2 * i : 2 * i + 2], betas[2 * i : 2 * i + 2])
+        weights = self.pooling_weights(tokens, packed, queries, b)
+        pooled = tokens.new_zeros(self.num_tasks, packed.num_segments, d)
+        pooled = pooled.index_add(1, packed.segment, weights.unsqueeze(-1) * tokens)
+        return pooled.view(self.num_tasks, len(sequences), b, d)
+
+    def pooling_weights(
+        self, tokens: torch.Tensor, packed: Packed, queries: list[torch.Tensor | None], b: int
+    ) -> torch.Tensor:
+        """Each token's weight in its segment's pooled vector: target-attention softmax, 1 / length (mean) or 1
+        (sum). [K, N] or, without target attention, [N]."""
+        attended = None
+        if self.pool is not None:
+            # Sequences pooled otherwise get a zero query: their scores are computed, finite, and never used.
+            query = torch.cat(
+                [self.project(q) if q is not None else tokens.new_zeros(b, self.d_model) for q in queries]
+            )
+            attended = self.pool.weights(tokens, packed, query)
+            if all(p == "target_attention" for p in self.poolings):
+                return attended
+        per_segment = [
+            1.0 / packed.lengths[s * b : (s + 1) * b].clamp_min(1).to(tokens.dtype)
+            if p == "mean"
+            else tokens.new_ones(b)
+            for s, p in enumerate(self.poolings)
+        ]
+        fixed = torch.cat(per_segment).index_select(0, packed.segment)
+        if attended is None:
+            return fixed
+        is_attended = torch.cat(
+            [
+                torch.full((n,), p == "target_attention", device=tokens.device)
+                for n, p in zip(packed.counts, self.poolings, strict=True)
+            ]
+        )
+        return torch.where(is_attended, attended, fixed)
 
 
 class TRM(nn.Module):
@@ -332,6 +244,15 @@ class TRM(nn.Module):
     def forward(self, task: int, fields: list[torch.Tensor]) -> torch.Tensor:
         a = self.weights(task, fields)
         return torch.cat([a[:, i : i + 1] * f for i, f in enumerate(fields)], dim=1)
+
+    def weights_all(self, z: torch.Tensor) -> torch.Tensor:
+        """Every task's excitation at once: z [K, B, F] (task k's squeezed fields) -> a [K, B, F]."""
+        first = [cast(nn.Linear, cast(nn.Sequential, e)[0]) for e in self.excite]
+        last = [cast(nn.Linear, cast(nn.Sequential, e)[2]) for e in self.excite]
+        w1, b1 = torch.stack([m.weight for m in first]), torch.stack([m.bias for m in first])
+        w2, b2 = torch.stack([m.weight for m in last]), torch.stack([m.bias for m in last])
+        hidden = torch.relu(torch.baddbmm(b1.unsqueeze(1), z, w1.transpose(1, 2)))
+        return self.scale * torch.sigmoid(torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2)))
 
 
 def candidate_field(spec: FeatureSpec, table: str) -> str | None:
@@ -409,9 +330,19 @@ class DTRNBottom(nn.Module):
         return fields + list(interests[task].unbind(0))
 
     def forward(self, out: SparseOutput, dense: torch.Tensor) -> list[torch.Tensor]:
-        u = self.interests(out)
-        hs = []
-        for k in range(self.num_tasks):
-            h = self.trm(k, self.task_fields(out, dense, u, k))
-            hs.append(h if self.dense_field else torch.cat([h, dense], dim=1))
-        return hs
+        """h_k for every task: ``trm(k, task_fields(..., k))`` computed for all tasks in one batched pass (the
+        fields shared by the tasks are squeezed and concatenated once)."""
+        u = self.interests(out)  # [K, M, B, d]
+        k, m, b, d = u.shape
+        shared = [out.fields[f] for f in self.fields] + ([dense] if self.dense_field else [])
+        z_shared = torch.stack([f.mean(dim=-1) for f in shared], dim=1)  # [B, F - M]
+        z = torch.cat([z_shared.expand(k, -1, -1), u.mean(dim=-1).transpose(1, 2)], dim=2)  # [K, B, F]
+        a = self.trm.weights_all(z)
+        e = torch.cat([torch.cat(shared, dim=1).expand(k, -1, -1), u.permute(0, 2, 1, 3).reshape(k, b, m * d)], dim=2)
+        # a_k,i repeated over field i's columns, as a product with the 0/1 [F, D] expansion (exact; a gather's
+        # backward would be a scatter-add).
+        expand = torch.block_diag(*[a.new_ones(1, f.shape[1]) for f in shared], *[a.new_ones(1, d)] * m)  # [F, D]
+        h = torch.matmul(a, expand) * e
+        if not self.dense_field:
+            h = torch.cat([h, dense.expand(k, -1, -1)], dim=2)
+        return list(h.unbind(0))

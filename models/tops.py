@@ -111,6 +111,12 @@ class MMoE(Top):
         self.out_dim = expert_mlp[-1]
 
     def forward(self, task_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.expert_input == "per_task" and not _all_same(task_inputs):
+            # Each expert runs once on the tasks' inputs stacked along the batch (same rows, one call per expert).
+            k, b = len(task_inputs), task_inputs[0].shape[0]
+            stacked = torch.cat(task_inputs)
+            outs = torch.stack([e(stacked) for e in self.experts], dim=1).view(k, b, len(self.experts), -1)
+            return [_mix(gate(x), outs[i]) for i, (gate, x) in enumerate(zip(self.gates, task_inputs, strict=True))]
         run = _ExpertCache(self.experts)
         common = _shared_input(task_inputs) if self.expert_input == "mean" else None
         return [

@@ -35,6 +35,7 @@ SERVING_MODULES = (
     "models/config.py",
     "models/drgrad.py",
     "models/dtrn.py",
+    "models/dtrn_layers.py",
     "models/gradient_methods.py",
     "models/gradient_rules.py",
     "models/gradients.py",

@@ -324,6 +324,11 @@ def test_tops_share_work_and_mix_experts() -> None:
     experts = torch.stack([e(x) for e in mmoe.experts], dim=1)
     gate = torch.softmax(mmoe.gates[1](x), dim=-1)
     torch.testing.assert_close(mmoe([x, x])[1], (gate.unsqueeze(-1) * experts).sum(1))
+    # Distinct inputs (per_task): task k's gate mixes the experts run on its own input.
+    xs = [x, torch.randn(5, 12)]
+    for k, out in enumerate(mmoe(xs)):
+        own = torch.stack([e(xs[k]) for e in mmoe.experts], dim=1)
+        torch.testing.assert_close(out, (torch.softmax(mmoe.gates[k](xs[k]), dim=-1).unsqueeze(-1) * own).sum(1))
     # Distinct inputs: a shared-bottom task output depends on its own input only.
     sb = SharedBottom(12, [4], 2, 0.0)
     y = torch.randn(5, 12)
