@@ -55,6 +55,34 @@ def test_export_writes_a_safetensors_file_of_every_dtype_and_shape(tmp_path: Pat
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_export_copies_saved_chunks_through_memory_maps_without_loading_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vectors and matrices (fp32, bf16) are copied byte for byte from the checkpoint files, a few rows at a time:
+    DCP's loader, which holds a chunk in memory several times over, is never called. Row- and column-sharded chunks:
+    the 2-process test below."""
+    table = torch.randn(1000, 8)
+    tensors = {"t.weight": table, "t.bias": torch.randn(8), "u.weight": torch.randn(70_000, 4).to(torch.bfloat16)}
+    dcp.save({MODEL_PREFIX: tensors}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+
+    def no_dcp_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the export fell back to DCP's loader")
+
+    monkeypatch.setattr(dcp, "load", no_dcp_load)
+    monkeypatch.setattr("pipeline.export.COPY_ROWS", 333)  # several copies per chunk, the last one partial
+    out = tmp_path / WEIGHTS_FILE
+    export_weights(tmp_path / "dcp", out, MODEL_PREFIX)
+    loaded = load_file(str(out))
+    for name, value in tensors.items():
+        assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+
+
+def _unwrapped(key: str) -> str:
+    from models.sharding import unwrapped_name
+
+    return unwrapped_name(key.split(".", 1)[1])
+
+
 def _perturb(model: torch.nn.Module) -> None:
     """Change every weight in place on every rank alike (replicas stay equal), so "best" and "last" differ."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -157,7 +185,9 @@ def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.slow
-def test_export_and_warm_start_match_the_gather_across_worker_counts(tmp_path: Path) -> None:
+def test_export_and_warm_start_match_the_gather_across_worker_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mp.spawn(_save_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     saved = json.loads((tmp_path / "save0.json").read_text())
     assert "error" not in saved, saved.get("error")
@@ -178,7 +208,18 @@ def test_export_and_warm_start_match_the_gather_across_worker_counts(tmp_path: P
         load_file(str(tmp_path / "gathered_last.safetensors")),
     )
     assert not any(torch.equal(best[k], last[k]) for k in best)  # the snapshot did not follow the live weights
+    loaded_by_dcp: list[str] = []
+    real_load = dcp.load
+
+    def recording_load(state: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        loaded_by_dcp.extend(state)
+        real_load(state, *args, **kwargs)
+
+    monkeypatch.setattr(dcp, "load", recording_load)
     sizes = export_weights(dcp_dir, model_dir / WEIGHTS_FILE, BEST_PREFIX)
+    monkeypatch.undo()
+    # Row-, column- and table-wise shards and replicated tables are copied from the files; DCP loads only scalars.
+    assert not [k for k in loaded_by_dcp if best[_unwrapped(k)].dim() > 0], loaded_by_dcp
     _assert_equal(load_file(str(model_dir / WEIGHTS_FILE)), best)
     assert sum(sizes.values()) == sum(v.numel() * v.element_size() for v in best.values())
     export_weights(dcp_dir, tmp_path / "last.safetensors", MODEL_PREFIX)
