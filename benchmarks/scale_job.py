@@ -10,10 +10,11 @@ table (candidate and every history) is pinned row-wise over both workers; the pl
 memory of the tables, not the model's quality): ingest, train (including the DCP checkpoint and the driver's
 tensor-by-tensor export of the weights), evaluate, register in MLflow (SQLite, local artifacts).
 
-A sampler thread reads the resident memory (RSS) of the driver and of every Ray Train worker every 0.2 s and keeps each
-process's peak per stage. Bytes per embedding row: the slope of the workers' summed peak RSS in training against the
-table rows over the sizes (least squares), beside the theoretical ``4 * dim + 4`` bytes (weights + one row-wise
-Adagrad float); linear if the residuals are small against the slope's contribution.
+A sampler thread reads the anonymous resident memory (``RssAnon``: allocated, not file pages) of the driver and of
+every Ray Train worker every 0.2 s and keeps each process's peak per stage, and each worker's last reading. Bytes per
+embedding row: the slope of the workers' summed peak in training against the table rows over the sizes (least
+squares), beside the theoretical ``4 * dim + 4`` bytes (weights + one row-wise Adagrad float); linear if the
+residuals are small against the slope's contribution.
 
 Writes ``benchmarks/results/scale_job.json`` and prints the tables.
 """
@@ -41,12 +42,24 @@ FULL_ROWS = {"item": 64_000_000, "user": 32_000_000, "seller": 3_200_000, "categ
 GB = 1024**3
 
 
+def anon_gb(pid: int) -> float:
+    """Private anonymous memory of a process (``RssAnon``): what it allocated. File pages (the memory-mapped export, the
+    page cache of files it read) are left out: the kernel drops them under pressure, and they would otherwise count a
+    file written through ``mmap`` as held memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024 / GB
+    raise psutil.NoSuchProcess(pid)
+
+
 class RssSampler:
-    """Peak RSS per process (the driver and each RayTrainWorker) per named stage."""
+    """Peak anonymous RSS per process (the driver and each RayTrainWorker) per named stage, and each worker's last
+    reading (its memory after the final checkpoint, as it exits)."""
 
     def __init__(self) -> None:
         self.stage = "setup"
         self.peaks: dict[str, dict[str, float]] = {}
+        self.last: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -66,11 +79,12 @@ class RssSampler:
         while not self._stop.is_set():
             for name, proc in self._processes().items():
                 try:
-                    rss = proc.memory_info().rss / GB
-                except psutil.Error:
+                    rss = anon_gb(proc.pid)
+                except (OSError, psutil.Error):
                     continue
                 stage = self.peaks.setdefault(self.stage, {})
                 stage[name] = max(stage.get(name, 0.0), rss)
+                self.last[name] = rss
             time.sleep(0.2)
 
     def __enter__(self) -> RssSampler:
@@ -151,6 +165,7 @@ def run_size(scale: float, args: argparse.Namespace) -> dict[str, Any]:
     trained = results["train"]
     train_peaks = sampler.peaks.get("train", {})
     workers = {k: round(v, 3) for k, v in train_peaks.items() if k.startswith("worker")}
+    workers_last = {k: round(sampler.last[k], 3) for k in workers}
     model_dir = Path(trained.model_dir)
     dcp_bytes = sum(f.stat().st_size for f in (model_dir / "dcp").rglob("*") if f.is_file())
     weights_bytes = (model_dir / "weights.safetensors").stat().st_size
@@ -162,6 +177,8 @@ def run_size(scale: float, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_gb": {s: {k: round(v, 3) for k, v in p.items()} for s, p in sampler.peaks.items()},
         "train_worker_peaks_gb": workers,
         "workers_sum_gb": round(sum(workers.values()), 3),
+        "train_worker_last_gb": workers_last,
+        "workers_last_sum_gb": round(sum(workers_last.values()), 3),
         "dcp_bytes": dcp_bytes,
         "weights_bytes": weights_bytes,
         "plan": {t: p["sharding_type"] for t, p in trained.plan.items()},

@@ -22,6 +22,7 @@ from features.stats import DenseStats
 from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
 from models.config import ModelConfig
 from models.drgrad import DRGradConfig
+from models.io import load_model
 from models.multitask import MultiTaskModel, build_model, predictions
 from models.serving import MODEL_FILE, WEIGHTS_FILE, export_serving_model, load_serving_model
 from pipeline.pyfunc import SERVING_MODULES
@@ -80,6 +81,18 @@ def trained_like(spec: FeatureSpec, cfg: ModelConfig, drgrad: DRGradConfig | Non
     return model.eval()
 
 
+def _in_file_mapping(tensor: torch.Tensor, path: Path) -> bool:
+    """Whether the tensor's memory lies in this process's memory map of ``path`` (Linux ``/proc/self/maps``)."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            begin, end = (int(x, 16) for x in fields[0].split("-"))
+            if begin <= address < end:
+                return True
+    return False
+
+
 def configs(bottom: str, top: str, head: str) -> tuple[ModelConfig, DRGradConfig | None]:
     cfg = ModelConfig.model_validate({**SMALL, "bottom": bottom, "top": top})
     return cfg, (DRGradConfig.model_validate(DRGRAD) if head == "drgrad" else None)
@@ -119,11 +132,20 @@ def test_serving_model_scores_like_the_torchrec_model(
     }
     (tmp_path / MODEL_FILE).write_text(json.dumps(description))
     from_folder = load_serving_model(tmp_path).score(table)
+    # The evaluation stage's loader: built on meta, its parameters memory maps of the weights file.
+    loaded = load_model(tmp_path).model
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert all(_in_file_mapping(p, tmp_path / WEIGHTS_FILE) for p in loaded.parameters() if p.numel()), (
+        "the loaded parameters are allocated copies, not maps of the weights file"
+    )
+    with torch.no_grad():
+        reloaded = predictions(spec, loaded(BatchTransform(spec, stats)(table, with_labels=False)))
 
     assert set(direct) == set(expected) == set(from_folder)
     for name, want in expected.items():
         assert want.std() > 0, f"{name}: constant predictions would make the comparison blind"
         torch.testing.assert_close(direct[name], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(reloaded[name], want, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(torch.from_numpy(from_folder[name]).float(), want, rtol=1e-5, atol=1e-6)
 
 
