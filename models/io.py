@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from features.spec import FeatureSpec
 from features.stats import DenseStats
 from models.config import ModelConfig
 from models.multitask import MultiTaskModel, build_model
-from models.serving import MODEL_FILE, WEIGHTS_FILE, read_model_folder
+from models.serving import MODEL_FILE, WEIGHTS_FILE, has_meta_tensors, map_weights, read_model_folder
 
 __all__ = ["MODEL_FILE", "WEIGHTS_FILE", "LoadedModel", "load_model"]
 
@@ -28,49 +24,6 @@ class LoadedModel:
     spec: FeatureSpec
     stats: DenseStats
     model_config: ModelConfig
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def map_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as copy-on-write memory maps of it: nothing is read until used, the pages
-    are the file's (shared by every process that maps it, dropped by the kernel under pressure), and a write stays
-    private to the process. The header is plain JSON (no code runs)."""
-    with open(path, "rb") as fh:
-        size = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(size))
-    start = 8 + size
-    out: dict[str, torch.Tensor] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
-        begin, end = meta["data_offsets"]
-        if end == begin:
-            out[name] = torch.empty(meta["shape"], dtype=dtype)
-            continue
-        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=start + begin, shape=(end - begin,))
-        out[name] = torch.from_numpy(raw).view(dtype).reshape(meta["shape"])
-    return out
-
-
-def _has_meta_tensors(model: nn.Module) -> bool:
-    """Whether a tensor of the model is still on the meta device after loading (one the state dict does not carry)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
-    return any(t.is_meta for t in tensors)
 
 
 def load_model(model_dir: str | Path, device: torch.device | None = None) -> LoadedModel:
@@ -89,7 +42,7 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
         state = map_weights(model_dir / WEIGHTS_FILE)
         model = build_model(folder.spec, folder.model_config, device=torch.device("meta"), drgrad=folder.drgrad)
         model.load_state_dict(state, strict=True, assign=True)
-        if _has_meta_tensors(model):  # a module keeps a tensor outside its state: build it for real instead
+        if has_meta_tensors(model):  # a module keeps a tensor outside its state: build it for real instead
             model = build_model(folder.spec, folder.model_config, device=device, drgrad=folder.drgrad)
             model.load_state_dict(state, strict=True, assign=True)
     model.eval()

@@ -11,13 +11,13 @@ by its state dict (``export_serving_model``). ``tests/test_serving.py`` checks b
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from features.encode import ArrowData, ArrowEncoder
@@ -154,11 +154,61 @@ class ServedModel:
         return {k: v.numpy().astype(np.float64) for k, v in predictions(self.folder.spec, outputs).items()}
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def map_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as copy-on-write memory maps of it: nothing is read until used, the pages
+    are the file's (shared by every process that maps it, dropped by the kernel under pressure), and a write stays
+    private to the process. The header is plain JSON (no code runs)."""
+    with open(path, "rb") as fh:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(size))
+    start = 8 + size
+    out: dict[str, torch.Tensor] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        begin, end = meta["data_offsets"]
+        if end == begin:
+            out[name] = torch.empty(meta["shape"], dtype=dtype)
+            continue
+        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=start + begin, shape=(end - begin,))
+        out[name] = torch.from_numpy(raw).view(dtype).reshape(meta["shape"])
+    return out
+
+
+def has_meta_tensors(model: nn.Module) -> bool:
+    """Whether a tensor of the model is still on the meta device after loading (one the state dict does not carry)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    return any(t.is_meta for t in tensors)
+
+
 def load_serving_model(model_dir: str | Path) -> ServedModel:
-    """The serving model of a trained model folder (safetensors weights: loading runs no code from the folder)."""
+    """The serving model of a trained model folder (safetensors weights: loading runs no code from the folder). Built
+    on the meta device, its parameters memory maps of the weights file (:func:`map_weights`): every serving process
+    of one machine shares the tables' pages, and loading allocates nothing for them."""
     folder = read_model_folder(model_dir)
-    model = ServingModel(folder.spec, folder.model_config, folder.drgrad)
-    model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS_FILE)), strict=True)
+    state = map_weights(Path(model_dir) / WEIGHTS_FILE)
+    with torch.device("meta"):
+        model = ServingModel(folder.spec, folder.model_config, folder.drgrad)
+    model.load_state_dict(state, strict=True, assign=True)
+    if has_meta_tensors(model):  # a module keeps a tensor outside its state: build it for real instead
+        model = ServingModel(folder.spec, folder.model_config, folder.drgrad)
+        model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return ServedModel(model=model, folder=folder)
 

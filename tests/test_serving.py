@@ -131,7 +131,11 @@ def test_serving_model_scores_like_the_torchrec_model(
         "stats": {"mean": stats.mean, "std": stats.std, "count": stats.count},
     }
     (tmp_path / MODEL_FILE).write_text(json.dumps(description))
-    from_folder = load_serving_model(tmp_path).score(table)
+    served_from_folder = load_serving_model(tmp_path)
+    assert all(_in_file_mapping(p, tmp_path / WEIGHTS_FILE) for p in served_from_folder.model.parameters()), (
+        "the served model's parameters are allocated copies, not maps of the weights file"
+    )
+    from_folder = served_from_folder.score(table)
     # The evaluation stage's loader: built on meta, its parameters memory maps of the weights file.
     loaded = load_model(tmp_path).model
     assert not any(p.is_meta for p in loaded.parameters())
