@@ -236,6 +236,9 @@ def test_stalled_data_stream_fails_instead_of_hanging(ray_local: None, tmp_path:
         "train.max_steps=4",
         "train.batch_size=128",
         "train.stall_timeout_s=20",
+        # Streamed: a window read into the object store before the workers start takes their CPUs for the read and
+        # never needs a read task again, so only a stream can stall.
+        "train.materialize=never",
     )
     generate(cfg)
     ingested = ingest(cfg)
