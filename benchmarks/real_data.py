@@ -292,11 +292,15 @@ def _table(ds: Dataset, summaries: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _store(data: str, ds: Dataset, name: str, entry: dict[str, Any]) -> None:
+def _store(data: str, ds: Dataset, name: str, variant: Variant, records: list[dict[str, Any]]) -> None:
     """Read, update one variant, write: at the moment of writing, so that two invocations running side by side (one
-    per data set or variant) do not write back each other's older copy."""
+    per data set or variant) do not write back each other's older copy. The variant's runs are merged by seed: a run
+    of some seeds replaces those seeds' records and keeps the others'."""
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     section = results.setdefault(data, {"config": ds.config, "variants": {}})
+    kept = {r["seed"]: r for r in section["variants"].get(name, {}).get("runs", [])}
+    merged = [r for _, r in sorted({**kept, **{r["seed"]: r for r in records}}.items())]
+    entry = {"help": variant.help, "sets": list(variant.sets), "runs": merged, **_summary(ds, merged)}
     section["variants"][name] = entry
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -326,8 +330,7 @@ def main() -> None:
             print(f"{args.data}/{name} seed {seed}: {record['metrics']} ({record['wall_s']} s)", flush=True)
         if not records:
             continue
-        entry = {"help": variant.help, "sets": list(variant.sets), "runs": records, **_summary(ds, records)}
-        _store(args.data, ds, name, entry)
+        _store(args.data, ds, name, variant, records)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     variants = results.get(args.data, {}).get("variants", {})
     summaries = {n: v for n, v in variants.items() if n in ds.variants}
