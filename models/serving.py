@@ -154,7 +154,7 @@ class ServedModel:
         return {k: v.numpy().astype(np.float64) for k, v in predictions(self.folder.spec, outputs).items()}
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors' dtype names (its format documentation)
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -180,7 +180,7 @@ def map_weights(path: Path) -> dict[str, torch.Tensor]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
         begin, end = meta["data_offsets"]
         if end == begin:
             out[name] = torch.empty(meta["shape"], dtype=dtype)

@@ -29,25 +29,14 @@ from typing import IO, cast
 import numpy as np
 import torch
 
+from models.serving import SAFETENSORS_DTYPES
 from models.sharding import unwrapped_name
 
 COPY_ROWS = 1 << 16  # rows per copy from the checkpoint's map to the output's: bounds the pages touched at once
 BEST_PREFIX = "best"  # the validation window's best epoch (present once an epoch improved)
 MODEL_PREFIX = "model"  # the last step's model
 
-# safetensors' dtype names (its format documentation)
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors name
 
 
 @dataclass(frozen=True)
