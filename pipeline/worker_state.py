@@ -9,6 +9,7 @@ and, once a validation epoch improved, ``best``: the best epoch's model, each ra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,15 +72,53 @@ def snapshot_model(model: nn.Module) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def checkpoint_tree(parts: TrainingParts, best: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :func:`save_checkpoint` hands DCP: the model, optimizer and method state (and ``best``), every CPU
+    tensor that is a view into a larger buffer re-wrapped as a tensor of its own bytes (:func:`own_storage`)."""
+    tree = _tensor_state(parts)
+    if best is not None:
+        tree[BEST_PREFIX] = best
+    return _map_tensors(tree, own_storage)
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as ``tensor``, as a tensor whose storage is exactly its bytes.
+
+    DCP's file writer clones a CPU tensor whose storage is larger than the tensor (it would otherwise serialise the
+    whole storage). TorchRec's fused kernels keep a worker's tables and their optimizer state in flat buffers, so
+    every table is such a view, and the clone made the checkpoint's peak memory grow by the largest table shard.
+    Wrapping the contiguous view through NumPy gives it a storage of its own size without copying (the array keeps
+    the buffer alive). Other tensors, and any on an accelerator (copied to the host anyway), are returned as they are.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    # NumPy has no bfloat16 (nor some other torch dtypes): wrap the same bytes as integers of the same width.
+    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return torch.from_numpy(tensor.view(carrier).numpy()).view(tensor.dtype)
+
+
+def _map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a state tree, ShardedTensors' local shards included (same global layout)."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, ShardedTensor):
+        shards = [Shard(tensor=fn(s.tensor), metadata=s.metadata) for s in tree.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, tree.metadata(), process_group=tree._process_group
+        )
+    if type(tree) in (torch.Tensor, nn.Parameter):  # not subclasses such as DTensor: DCP handles those itself
+        return fn(tree.detach())
+    return tree
+
+
 def save_checkpoint(parts: TrainingParts, state: TrainState, folder: Path, best: dict[str, Any] | None = None) -> None:
     """Collective: every rank writes its shards (and its part of ``best``, the best epoch's snapshot, when given)
     into ``folder/dcp``; rank 0 adds the train state."""
     import torch.distributed.checkpoint as dcp
 
-    tree = _tensor_state(parts)
-    if best is not None:
-        tree[BEST_PREFIX] = best
-    dcp.save(tree, checkpoint_id=str(folder / DCP_DIR))
+    dcp.save(checkpoint_tree(parts, best), checkpoint_id=str(folder / DCP_DIR))
     if dist.get_rank() == 0:
         (folder / STATE_FILE).write_text(json.dumps(asdict(state)))
 
