@@ -80,6 +80,7 @@ def run_ours(tag: str, materialize: str, args: argparse.Namespace) -> dict[str, 
         "stages_s": {k: round(v, 2) for k, v in stages.items()},
         "job_s": round(total, 2),
         "startup_s": trained.startup,
+        "wind_down_s": trained.wind_down,
         "loop_s": round(trained.loop_seconds, 2),
         "loop_samples_per_s": round(trained.samples_per_s),
         "steady_samples_per_s": round(trained.steady_samples_per_s),
@@ -171,6 +172,7 @@ def main() -> None:
         f"{peer['test_auc'].get('income', float('nan')):.4f}"
     )
     print(f"start-up of the default run: {ours['startup_s']}")
+    print(f"wind-down of the default run: {ours['wind_down_s']}")
     print(f"our whole job / their loop alone: {result['job_over_peer_loop']:.2f}; wrote {args.out}")
 
 

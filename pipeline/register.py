@@ -403,6 +403,7 @@ def _log_run(
             "train.samples_per_s": trained.samples_per_s,
             **({"train.steady_samples_per_s": trained.steady_samples_per_s} if trained.steady_samples_per_s else {}),
             **{f"train.startup.{k}": v for k, v in trained.startup.items()},
+            **{f"train.wind_down.{k}": v for k, v in trained.wind_down.items()},
             **{f"train.rows.{k}": v for k, v in trained.rows.items()},
         }
         for name, values in evaluated.metrics.items():

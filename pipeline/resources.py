@@ -200,20 +200,29 @@ def local_cpus(cfg: ExperimentConfig) -> int:
 # Ray Train reads how long a worker group may wait for its placement group from this variable (driver side; it passes
 # it on to its controller).
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 @contextlib.contextmanager
-def worker_start_timeout(seconds: float) -> Iterator[None]:
-    """Let Ray Train wait ``seconds`` for the workers' resources (its default is a minute, then retry forever)."""
-    before = os.environ.get(WORKER_START_TIMEOUT_ENV)
-    os.environ[WORKER_START_TIMEOUT_ENV] = str(seconds)
+def controller_settings(resource_wait_s: float, poll_s: float) -> Iterator[None]:
+    """Ray Train's controller settings for one ``fit()``, passed the way it reads them: environment variables of the
+    driver, which it forwards to the controller actor (on a cluster too).
+
+    ``resource_wait_s``: how long it waits for the workers' resources (its default is a minute, then retry forever).
+    ``poll_s``: how often it polls the workers. It takes their reports and notices that they finished only at a poll,
+    so at its default of 2 s every run ended up to 4 s after its last step.
+    """
+    values = {WORKER_START_TIMEOUT_ENV: str(resource_wait_s), CONTROLLER_POLL_ENV: str(poll_s)}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(WORKER_START_TIMEOUT_ENV, None)
-        else:
-            os.environ[WORKER_START_TIMEOUT_ENV] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _STALL = re.compile(r"no training batch for .*?give the cluster more CPUs")

@@ -73,6 +73,7 @@ def describe_trained(r: TrainResult) -> str:
         kept = f"; kept epoch {r.best_epoch} of {r.epochs}{stopped} (validation {watched} {best:.4f})"
     steady = f" (steady state {r.steady_samples_per_s:,.0f})" if r.steady_samples_per_s else ""
     startup = f", start-up {r.startup['total_s']:.1f} s" if r.startup else ""
+    startup += f", wind-down {r.wind_down['total_s']:.1f} s" if r.wind_down else ""
     return (
         f"{r.steps:,} steps, {r.samples:,} samples at {r.samples_per_s:,.0f} samples/s{steady} on {r.world_size} "
         f"workers{startup}{resumed}; final losses {losses}{kept}"

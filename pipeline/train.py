@@ -79,6 +79,9 @@ class TrainResult(StageResult):
     # Seconds of the run's fixed cost: preparing the data (read/shuffle/materialise, priors), workers up and process
     # group formed, model built and sharded by the planner, first batch in hand (rank 0's clock).
     startup: dict[str, float] = field(default_factory=dict)
+    # Seconds from the last step to the weights on disk: the final checkpoint and Ray Train's wind-down (workers
+    # seen finished, their group shut down), then the driver's export of the weights.
+    wind_down: dict[str, float] = field(default_factory=dict)
     materialized: bool = False  # the windows were read once into the object store (train.materialize)
 
 
@@ -165,6 +168,18 @@ def startup_seconds(prepare_started: float, fit_called: float, metrics: dict[str
     }
 
 
+def wind_down_seconds(fit_returned: float, exported: float, metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's fixed cost after its last step, from rank 0's and the driver's wall clocks (empty without a step)."""
+    loop_ended = float(metrics.get("loop_ended_at", 0.0))
+    if not loop_ended:
+        return {}
+    return {
+        "checkpoint_and_workers_done_s": round(fit_returned - loop_ended, 3),
+        "export_s": round(exported - fit_returned, 3),
+        "total_s": round(exported - loop_ended, 3),
+    }
+
+
 def worker_config(
     cfg: ExperimentConfig, ingested: IngestResult, warm_start_dir: Path | None, output_bias: dict[str, float]
 ) -> dict[str, Any]:
@@ -200,7 +215,7 @@ def train(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import FailureConfig  # Ray Train v2's, with controller_failure_limit
 
-    from pipeline.resources import check_cluster, explain_training_failure, worker_start_timeout
+    from pipeline.resources import check_cluster, controller_settings, explain_training_failure
 
     prepare_started = time.time()
     accounting = check_trainable(cfg, ingested)
@@ -270,13 +285,17 @@ def train(
 
     fit_called = time.time()
     try:
-        with ProgressFileFollower(progress_file, on_record), worker_start_timeout(cfg.train.resource_wait_s):
+        with (
+            ProgressFileFollower(progress_file, on_record),
+            controller_settings(cfg.train.resource_wait_s, cfg.train.controller_poll_s),
+        ):
             result = trainer.fit()
     except Exception as err:
         explained = explain_training_failure(err, cfg, needs)
         if explained is None:
             raise
         raise explained from err
+    fit_returned = time.time()
     if result.error:
         raise result.error
     if result.checkpoint is None:
@@ -290,6 +309,7 @@ def train(
     if (prefix == BEST_PREFIX) != (int(metrics.get("best_epoch", 0)) > 0):
         raise RuntimeError(f"{model_dir / DCP_DIR}: best epoch {metrics.get('best_epoch')} but weights under {prefix}")
     export_weights(model_dir / DCP_DIR, model_dir / WEIGHTS_FILE, prefix)
+    exported = time.time()
     curve = json.loads((model_dir / "training_curve.json").read_text())
     out = TrainResult(
         model_dir=str(model_dir),
@@ -311,6 +331,7 @@ def train(
         epochs=int(metrics["epoch"]),
         steady_samples_per_s=float(metrics.get("steady_samples_per_s", 0.0)),
         startup=startup_seconds(prepare_started, fit_called, metrics),
+        wind_down=wind_down_seconds(fit_returned, exported, metrics),
         materialized=materialized,
     )
     if out.steps == 0:

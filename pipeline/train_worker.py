@@ -347,6 +347,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         "worker_entered_at": entered,
         "model_built_at": built,
         "first_batch_at": first_batch_at,
+        "loop_ended_at": time.time(),  # the wind-down (final checkpoint, workers' group shut down) starts here
     }
     if rank == 0:
         description = {

@@ -43,6 +43,9 @@ def test_training_used_both_workers_and_sharded_tables(pipeline_run) -> None:  #
     phases = ("prepare_data_s", "workers_up_s", "build_and_shard_s", "first_batch_s")
     assert all(trained.startup[k] >= 0 for k in phases)
     assert trained.startup["total_s"] == pytest.approx(sum(trained.startup[k] for k in phases), abs=0.01)
+    after = ("checkpoint_and_workers_done_s", "export_s")
+    assert all(trained.wind_down[k] >= 0 for k in after)
+    assert trained.wind_down["total_s"] == pytest.approx(sum(trained.wind_down[k] for k in after), abs=0.01)
 
 
 def test_evaluation_beats_chance_and_reports_oracle(pipeline_run) -> None:  # type: ignore[no-untyped-def]
@@ -85,6 +88,7 @@ def test_registered_version_has_metrics_tags_and_alias(pipeline_run) -> None:  #
     )
     assert run.data.metrics["train.rows.rows_trained_per_epoch"] == rows["rows_trained_per_epoch"]
     assert run.data.metrics["train.startup.total_s"] == result.trained.startup["total_s"]
+    assert run.data.metrics["train.wind_down.total_s"] == result.trained.wind_down["total_s"]
 
 
 def test_drgrad_diagnostics_in_mlflow(pipeline_run) -> None:  # type: ignore[no-untyped-def]
