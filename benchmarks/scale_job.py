@@ -16,7 +16,15 @@ embedding row: the slope of the workers' summed peak in training against the tab
 squares), beside the theoretical ``4 * dim + 4`` bytes (weights + one row-wise Adagrad float); linear if the
 residuals are small against the slope's contribution.
 
-Writes ``benchmarks/results/scale_job.json`` and prints the tables.
+With ``--model-only``, each size also times the same sharded model stepping over batches already in memory (the
+model-only side of ``benchmarks/train_throughput.py``, in its own Ray Train run after the job), beside the job's own
+loop and steady-state rates: what the whole run's data path, checkpoints and start-up cost at that size. Give it
+enough rows for a few hundred steps:
+
+    .venv/bin/python benchmarks/scale_job.py --scales 1.0 --rows-per-day 400000 --steps 400 --model-only \
+        --out benchmarks/results/scale_throughput.json
+
+Writes ``benchmarks/results/scale_job.json`` (or ``--out``) and prints the tables.
 """
 
 from __future__ import annotations
@@ -188,7 +196,25 @@ def run_size(scale: float, args: argparse.Namespace) -> dict[str, Any]:
         "model_version": results["register"].model_uri,
     }
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)  # gigabytes of checkpoints: the figures are taken
+    if args.model_only:
+        out.update(model_only_rates(cfg, results["ingest"], trained))
     return out
+
+
+def model_only_rates(cfg: Any, ingested: Any, trained: Any) -> dict[str, Any]:
+    """The same sharded model stepping over the same training files already in memory, in its own Ray Train run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import run_side
+
+    model = run_side(cfg, ingested.train_files, ingested.stats, "model", warmup=5)
+    print(f"[scale] model only: {model['steps']} steps, {model['samples_per_s']:,.0f} samples/s", flush=True)
+    return {
+        "model_only_steps": model["steps"],
+        "model_only_samples_per_s": round(model["samples_per_s"]),
+        "job_steps": trained.steps,
+        "loop_over_model_only": round(trained.samples_per_s / model["samples_per_s"], 3),
+        "steady_over_model_only": round(trained.steady_samples_per_s / model["samples_per_s"], 3),
+    }
 
 
 def main() -> None:
@@ -199,9 +225,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "scale_job")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale_job.json")
+    parser.add_argument("--model-only", action="store_true", help="also time the model on in-memory batches")
     args = parser.parse_args()
     args.runs = args.runs.resolve()
-    args.logs = args.runs / "logs"
+    args.logs = args.runs / f"logs-{args.rows_per_day}"  # generated once per size of the logs
     sizes = []
     for scale in args.scales:
         sizes.append(run_size(scale, args))
@@ -246,6 +273,15 @@ def main() -> None:
             f"{fit['theoretical_bytes_per_row']:.1f}, ratio {fit['over_theoretical']:.3f}), intercept "
             f"{fit['intercept_gb']:.2f} GB, largest residual {fit['max_residual_gb']:.3f} GB"
         )
+    if args.model_only:
+        print("\n| embedding rows | job steps | job loop samples/s | job steady state | model only", end="")
+        print(" | loop / model only |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for s in sizes:
+            print(
+                f"| {s['embedding_rows']:,} | {s['job_steps']} | {s['loop_samples_per_s']:,} | "
+                f"{s['steady_samples_per_s']:,} | {s['model_only_samples_per_s']:,} | {s['loop_over_model_only']:.2f} |"
+            )
     print(f"wrote {args.out}")
 
 
