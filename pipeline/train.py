@@ -83,6 +83,7 @@ class TrainResult(StageResult):
     # seen finished, their group shut down), then the driver's export of the weights.
     wind_down: dict[str, float] = field(default_factory=dict)
     materialized: bool = False  # the windows were read once into the object store (train.materialize)
+    checkpoints: int = 0  # checkpoints written by the run, its final one included
 
 
 class NothingToTrainError(ValueError):
@@ -333,6 +334,7 @@ def train(
         startup=startup_seconds(prepare_started, fit_called, metrics),
         wind_down=wind_down_seconds(fit_returned, exported, metrics),
         materialized=materialized,
+        checkpoints=int(metrics.get("checkpoints", 0)),
     )
     if out.steps == 0:
         raise NothingToTrainError(f"training ran 0 steps ({asdict(accounting)}): the model in {model_dir} is untrained")

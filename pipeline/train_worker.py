@@ -141,6 +141,7 @@ def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any], be
 
     import ray.train
 
+    state.checkpoints += 1
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(parts, state, Path(tmp), best)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -327,7 +328,10 @@ def worker_loop(config: dict[str, Any]) -> None:
                 started, last_log = started + paused, last_log + paused  # samples/s count training time only
                 if rank == 0:
                     append_progress(progress_file, {"validation": state.validation[-1], "best_epoch": state.best_epoch})
-            _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
+            if state.epoch < cfg.train.epochs and not done() and not state.stopped_early:
+                # Not after the last epoch: the final checkpoint follows at once with the same state (at large
+                # tables a second full write).
+                _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
     loop_seconds = time.perf_counter() - started
 
     # With a validation window the best epoch's weights are the result (under "best" in the final checkpoint); the
@@ -390,6 +394,8 @@ def _report_final(
 
     import ray.train
 
+    state.checkpoints += 1
+    metrics["checkpoints"] = state.checkpoints
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         save_checkpoint(parts, state, folder, best)

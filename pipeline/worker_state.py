@@ -54,6 +54,7 @@ class TrainState:
     stopped_early: bool = False
     # samples/s of each log window; ``epoch_start`` marks an epoch's first window (it pays the stream's start-up).
     rates: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: int = 0  # written so far, the one being written included
 
 
 def _tensor_state(parts: TrainingParts) -> dict[str, Any]:

@@ -43,6 +43,8 @@ def test_training_used_both_workers_and_sharded_tables(pipeline_run) -> None:  #
     phases = ("prepare_data_s", "workers_up_s", "build_and_shard_s", "first_batch_s")
     assert all(trained.startup[k] >= 0 for k in phases)
     assert trained.startup["total_s"] == pytest.approx(sum(trained.startup[k] for k in phases), abs=0.01)
+    # One checkpoint per epoch end, the last one being the final checkpoint itself (not written twice).
+    assert trained.epochs == cfg.train.epochs and trained.checkpoints == cfg.train.epochs
     after = ("checkpoint_and_workers_done_s", "export_s")
     assert all(trained.wind_down[k] >= 0 for k in after)
     assert trained.wind_down["total_s"] == pytest.approx(sum(trained.wind_down[k] for k in after), abs=0.01)
