@@ -21,7 +21,6 @@ folder reads the DCP checkpoint, each worker only its own shards (:func:`pipelin
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from features.transform import BatchTransform
 from models.io import WEIGHTS_FILE, model_hash
 from models.multitask import output_bias_priors
+from pipeline.checkpoint_files import checkpoint_to_folder
 from pipeline.checkpoints import CheckpointIdentity, prepare_checkpoints
 from pipeline.config import ExperimentConfig, loggable_config
 from pipeline.export import BEST_PREFIX, export_weights, source_prefix, stored_dcp_keys
@@ -302,8 +302,7 @@ def train(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model_dir = (cfg.run_dir / "model").resolve()
-    shutil.rmtree(model_dir, ignore_errors=True)
-    result.checkpoint.to_directory(str(model_dir))
+    checkpoint_to_folder(result.checkpoint, model_dir)
     # The summary travels inside the checkpoint: Result.metrics is not kept by every Ray Train version.
     metrics = json.loads((model_dir / "summary.json").read_text())
     prefix = source_prefix(stored_dcp_keys(model_dir / DCP_DIR))

@@ -26,6 +26,7 @@ from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
 from models.io import MODEL_FILE
 from models.multitask import MultiTaskLoss, set_output_bias
+from pipeline.checkpoint_files import move_into_storage, staging_folder
 from pipeline.config import ExperimentConfig
 from pipeline.logs import redirect_process_output
 from pipeline.progress import (
@@ -137,14 +138,13 @@ def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any], be
     """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (with a
     validation window): this rank's shards of the best epoch's model travel in every checkpoint, so a resumed run
     still has them."""
-    import tempfile
-
     import ray.train
 
     state.checkpoints += 1
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(parts, state, Path(tmp), best)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    with staging_folder() as folder:
+        save_checkpoint(parts, state, folder, best)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
 
 
 def _validate_epoch(
@@ -390,14 +390,11 @@ def _report_final(
 ) -> None:
     """The final checkpoint: the DCP state (every rank's shards, with ``best`` when a validation epoch improved) and,
     from rank 0 (``extra``), the model description and run records. The driver exports the weights from it."""
-    import tempfile
-
     import ray.train
 
     state.checkpoints += 1
     metrics["checkpoints"] = state.checkpoints
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+    with staging_folder() as folder:
         save_checkpoint(parts, state, folder, best)
         if extra is not None:
             (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
@@ -406,4 +403,5 @@ def _report_final(
             (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
             (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
             (folder / "summary.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
