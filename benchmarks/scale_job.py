@@ -193,6 +193,7 @@ def run_size(scale: float, args: argparse.Namespace) -> dict[str, Any]:
         "loop_samples_per_s": round(trained.samples_per_s),
         "steady_samples_per_s": round(trained.steady_samples_per_s),
         "startup_s": trained.startup,
+        "wind_down_s": trained.wind_down,
         "model_version": results["register"].model_uri,
     }
     shutil.rmtree(run_dir / "ray_results", ignore_errors=True)  # gigabytes of checkpoints: the figures are taken
