@@ -145,8 +145,9 @@ class TrainConfig(_Strict):
         default="fp32", description="bf16: autocast the model's forward to bfloat16 (losses and optimizers stay fp32)"
     )
     tf32: bool = Field(default=True, description="TF32 matmuls and convolutions on CUDA; no effect on CPU")
-    # Default plain: on CPU (gloo) the pipeline has no streams to overlap on, and it measured slower than the plain
-    # step there (benchmarks/RESULTS.md, "Step pipeline"); on CUDA its overlap is where it should pay.
+    # Default plain: on CPU (2 gloo processes, the demo experiment) the pipeline measured no faster than the plain step
+    # (benchmarks/RESULTS.md, "Step pipeline"), and plain has less machinery. Its overlap is meant for CUDA's copy and
+    # data-dist streams, where it has not been measured (no GPU was available).
     step_pipeline: Literal["plain", "sparse_dist"] = Field(
         default="plain",
         description="plain: one batch, one step; sparse_dist: TorchRec's TrainPipelineSparseDist, which copies the "

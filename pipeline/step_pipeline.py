@@ -4,11 +4,11 @@
 
 ``sparse_dist``: TorchRec's :class:`TrainPipelineSparseDist`. It holds up to two batches ahead of the one being
 trained: while batch i runs forward and backward, batch i+1's ids are already being redistributed to the ranks that
-own their tables (``input_dist``, the all-to-all) and batch i+2 is being copied to the device. On CUDA these run on
-side streams and overlap; on CPU there are no streams, so the same work runs in order and only the bookkeeping is
-added. The pipeline calls ``zero_grad``, ``_backward(losses)`` and ``optimizer.step()`` itself; ``_backward`` is
-overridden here so that the gradient method (equal, uncertainty, PCGrad, DRGrad) does the backward, as in the plain
-step.
+own their tables (``input_dist``, the all-to-all) and batch i+2 is being copied to the device. On CUDA the copy and
+the all-to-all run on side streams; on CPU the copy is a no-op and only the all-to-all, an asynchronous gloo
+collective, can overlap the step. The pipeline calls ``zero_grad``, ``_backward(losses)`` and ``optimizer.step()``
+itself; ``_backward`` is overridden here so that the gradient method (equal, uncertainty, PCGrad, DRGrad) does the
+backward, as in the plain step.
 
 Both steppers return ``None`` when the epoch's iterator is exhausted, and only after every batch taken from it has
 been trained: the pipeline drains the batches it holds before it reports the end. Batches it prefetched but did not
@@ -168,6 +168,11 @@ class SparseDistStepper:
         losses, diagnostics = self.pipeline.losses, self.pipeline.diagnostics
         # As in train_step: the total is taken after the optimizer step (uncertainty weighting's s is updated by then).
         return self.parts.method.total(losses).detach(), losses, diagnostics
+
+    @property
+    def pipelined_modules(self) -> int:
+        """How many sharded modules the pipeline feeds itself (all of the model's, once it has traced)."""
+        return len(self.pipeline._pipelined_modules)
 
     def pause(self) -> None:
         # The pipelined embedding modules read their inputs from the pipeline's context, not their arguments: put the

@@ -74,7 +74,7 @@ def _config(method: dict[str, Any]) -> ExperimentConfig:
 
 def _train(kind: str, cfg: ExperimentConfig, spec: FeatureSpec, epochs: list[list[Batch]], probe: Batch) -> Any:
     """Train through ``kind``'s stepper as the worker loop does; returns (state on rank 0, per-step totals,
-    probe outputs after each epoch, diagnostics)."""
+    probe outputs after each epoch, diagnostics, how many sharded modules the pipeline fed)."""
     device = torch.device("cpu")
     parts = build_training(cfg, spec, device, local_world_size=WORLD)
     parts.model.train()
@@ -82,6 +82,7 @@ def _train(kind: str, cfg: ExperimentConfig, spec: FeatureSpec, epochs: list[lis
     totals: list[list[float]] = []
     probes: list[dict[str, torch.Tensor]] = []
     diagnostics: list[dict[str, float]] = []
+    pipelined = 0
     for batches in epochs:
         it, seen = iter(batches), []
         while (result := stepper.step(it)) is not None:
@@ -89,12 +90,13 @@ def _train(kind: str, cfg: ExperimentConfig, spec: FeatureSpec, epochs: list[lis
             seen.append(float(total))
             diagnostics.append(diag)
         totals.append(seen)
+        pipelined = max(pipelined, getattr(stepper, "pipelined_modules", 0))
         stepper.pause()
         parts.model.eval()
         with torch.no_grad():
             probes.append({k: v.clone() for k, v in parts.model(probe).items()})
         parts.model.train()
-    return gather_state_dict(parts.model), totals, probes, diagnostics
+    return gather_state_dict(parts.model), totals, probes, diagnostics, pipelined
 
 
 def _compare(rank: int, spec: FeatureSpec, table: pa.Table) -> dict[str, Any]:
@@ -118,6 +120,7 @@ def _compare(rank: int, spec: FeatureSpec, table: pa.Table) -> dict[str, Any]:
                 float((a[k] - b[k]).abs().max()) for a, b in zip(plain[2], piped[2], strict=True) for k in a
             ),
             "diagnostics": [sorted(k for d in plain[3] for k in d), sorted(k for d in piped[3] for k in d)],
+            "pipelined_modules": piped[4],
         }
         if rank == 0:
             assert plain[0].keys() == piped[0].keys()
@@ -166,6 +169,8 @@ def test_sparse_dist_pipeline_trains_as_the_plain_step(tmp_path: Path) -> None:
             assert r["loss_diff"] < 1e-5, f"{name} rank {rank}: per-step losses differ by {r['loss_diff']}"
             assert r["probe_diff"] < 1e-4, f"{name} rank {rank}: outputs after an epoch differ by {r['probe_diff']}"
             assert r["diagnostics"][0] == r["diagnostics"][1], f"{name}: diagnostics differ"
+            # The EBC and the EC of the sparse arch: fed by the pipeline, not by the model's forward.
+            assert r["pipelined_modules"] == 2, f"{name}: {r['pipelined_modules']} sharded modules pipelined"
         diffs = reports[0][name]["param_diff"]
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] < 1e-4, f"{name}: {worst} differs by {diffs[worst]} between plain and pipelined"
