@@ -19,7 +19,7 @@ batches of the epoch) trains them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ from models.embeddings import SparseArch
 from models.sparse_output import SparseOutput
 from pipeline.train_worker import TrainingParts, train_step
 
-StepPipeline = Literal["plain", "sparse_dist"]
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]
 
 
@@ -139,7 +138,10 @@ def _pipeline_class() -> type:
                 pipeline_postproc=False,
             )
             if left_out or len(modules) != len(self.sharded):
-                raise RuntimeError(f"step pipeline: sharded modules not pipelined: {sorted(left_out)}")
+                raise RuntimeError(
+                    f"train.step_pipeline: sparse_dist could not pipeline the sharded modules {sorted(left_out)} "
+                    "(their input is not the batch's KJT as is); use plain"
+                )
             self._pipelined_modules, self._original_forwards, self._pipelined_postprocs = modules, forwards, postprocs
             self.start_sparse_data_dist(batch, context)
             self._original_kjt_dist_forwards = _override_input_dist_forwards(self._pipelined_modules)

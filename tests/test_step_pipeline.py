@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import traceback
 from itertools import chain
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from safetensors.torch import load_file
 
 from features.batch import Batch
 from features.generator import GeneratorConfig, generate_logs
@@ -32,8 +34,12 @@ from features.spec import FeatureSpec, parse_feature_spec
 from features.transform import BatchTransform, compute_dense_moments, dense_stats_from_moments
 from models.sharding import gather_state_dict
 from pipeline.config import ConfigError, ExperimentConfig, parse_config
+from pipeline.ingest import IngestResult, ingest
+from pipeline.run import generate
 from pipeline.step_pipeline import make_stepper
+from pipeline.train import train
 from pipeline.train_worker import build_training
+from tests.conftest import small_config
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +186,35 @@ def test_sparse_dist_pipeline_trains_as_the_plain_step(tmp_path: Path) -> None:
 def test_unknown_step_pipeline_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"train\.step_pipeline"):
         parse_config({"features": str(REPO / "configs/features/behaviour_logs.yaml"), "train": {"step_pipeline": "x"}})
+
+
+def test_worker_loop_with_validation_trains_as_the_plain_loop(tmp_path: Path, ray_local: None) -> None:
+    """Through Ray Train's worker loop with a validation window: each epoch ends with the pipeline drained and the
+    model scored with its own forward; steps, the validation curve and the kept weights match the plain loop's."""
+    settings = [
+        "generator.impressions_per_day=6000",
+        "generator.num_days=3",
+        "data.validation_days=1",
+        "train.batch_size=256",
+        "train.epochs=2",
+        "train.shuffle=none",
+        "train.log_every=5",
+    ]
+    plain_cfg = small_config(tmp_path / "plain", *settings)
+    generate(plain_cfg)
+    plain = train(plain_cfg, ingest(plain_cfg))
+    piped_dir = tmp_path / "piped"
+    piped_dir.mkdir()
+    shutil.copy(plain_cfg.run_dir / "ingest.json", piped_dir / "ingest.json")
+    piped_cfg = small_config(piped_dir, *settings, "train.step_pipeline=sparse_dist")
+    piped = train(piped_cfg, IngestResult.load(piped_dir / "ingest.json"))
+    assert piped.epochs == plain.epochs == 2 and piped.steps == plain.steps and piped.samples == plain.samples
+    assert [v["epoch"] for v in piped.validation] == [v["epoch"] for v in plain.validation] and piped.validation
+    for a, b in zip(plain.validation, piped.validation, strict=True):
+        assert a["step"] == b["step"]
+        assert abs(a["value"] - b["value"]) < 1e-4, f"epoch {a['epoch']}: validation {a['value']} vs {b['value']}"
+    assert piped.best_epoch == plain.best_epoch
+    a, b = (load_file(str(Path(r.model_dir) / "weights.safetensors")) for r in (plain, piped))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
