@@ -47,15 +47,20 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 BATCH = 64
 EPOCHS = [3, 2]  # batches per epoch: an odd and an even count, so the pipeline's drain is seen holding 1 and 2
-METHODS: dict[str, dict[str, Any]] = {
-    "equal": {"method": "equal"},
-    "pcgrad": {"method": "pcgrad", "diagnostics_every": 2},
-    "uncertainty": {"method": "uncertainty"},
-    "drgrad": {
-        "method": "drgrad",
-        "diagnostics_every": 2,
-        "drgrad": {"updater": "ema", "per_sample": True, "aux_input": "shared", "personalized_gate": ["user_id"]},
-    },
+# name -> (gradients section, train precision)
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "equal": ({"method": "equal"}, "fp32"),
+    "equal_bf16": ({"method": "equal"}, "bf16"),  # the forward under autocast, as train_step runs it
+    "pcgrad": ({"method": "pcgrad", "diagnostics_every": 2}, "fp32"),
+    "uncertainty": ({"method": "uncertainty"}, "fp32"),
+    "drgrad": (
+        {
+            "method": "drgrad",
+            "diagnostics_every": 2,
+            "drgrad": {"updater": "ema", "per_sample": True, "aux_input": "shared", "personalized_gate": ["user_id"]},
+        },
+        "fp32",
+    ),
 }
 MODEL = {"bottom_mlp": [32, 16], "tower_mlp": [8]}
 
@@ -67,13 +72,13 @@ def _spec() -> FeatureSpec:
     return parse_feature_spec(data)
 
 
-def _config(method: dict[str, Any]) -> ExperimentConfig:
+def _config(method: dict[str, Any], precision: str) -> ExperimentConfig:
     return ExperimentConfig.model_validate(
         {
             "features": str(REPO / "configs/features/behaviour_logs.yaml"),
             "model": MODEL,
             "gradients": method,
-            "train": {"batch_size": BATCH, "seed": 0, "dense_lr": 0.01},
+            "train": {"batch_size": BATCH, "seed": 0, "dense_lr": 0.01, "precision": precision},
         }
     )
 
@@ -114,8 +119,8 @@ def _compare(rank: int, spec: FeatureSpec, table: pa.Table) -> dict[str, Any]:
     epochs = [batches[: EPOCHS[0]], batches[EPOCHS[0] :]]
     probe = transform(table.slice(WORLD * per_rank, BATCH))
     out: dict[str, Any] = {}
-    for name, method in METHODS.items():
-        cfg = _config(method)
+    for name, (method, precision) in METHODS.items():
+        cfg = _config(method, precision)
         plain = _train("plain", cfg, spec, epochs, probe)
         piped = _train("sparse_dist", cfg, spec, epochs, probe)
         record: dict[str, Any] = {
