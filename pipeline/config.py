@@ -145,6 +145,15 @@ class TrainConfig(_Strict):
         default="fp32", description="bf16: autocast the model's forward to bfloat16 (losses and optimizers stay fp32)"
     )
     tf32: bool = Field(default=True, description="TF32 matmuls and convolutions on CUDA; no effect on CPU")
+    # Default plain: on CPU (2 gloo processes, the demo experiment) the pipeline measured no faster than the plain step
+    # (benchmarks/RESULTS.md, "Step pipeline"), and plain has less machinery. Its overlap is meant for CUDA's copy and
+    # data-dist streams, where it has not been measured (no GPU was available).
+    step_pipeline: Literal["plain", "sparse_dist"] = Field(
+        default="plain",
+        description="plain: one batch, one step; sparse_dist: TorchRec's TrainPipelineSparseDist, which copies the "
+        "batch after next to the device and starts the next batch's id all-to-all while this one trains (overlap on "
+        "CUDA streams; on CPU the same work runs in order). Same updates as plain, with every gradient method",
+    )
     shuffle: Literal["none", "local", "global"] = Field(
         default="local",
         description="local: a shuffle buffer per worker (cheap; rows stay near their place in the files); global: "
@@ -196,7 +205,8 @@ class TrainConfig(_Strict):
     )
 
 
-#: Where and how the workers run, not what they train: kept out of the fingerprint.
+#: Where and how the workers run, not what they train: kept out of the fingerprint (``step_pipeline`` gives the same
+#: updates either way, so a run checkpointed under one resumes under the other).
 TRAIN_SCHEDULING_FIELDS = (
     "data_cpus",
     "placement_strategy",
@@ -204,6 +214,7 @@ TRAIN_SCHEDULING_FIELDS = (
     "stall_timeout_s",
     "materialize",
     "controller_poll_s",
+    "step_pipeline",
 )
 
 

@@ -194,6 +194,8 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipeline.step_pipeline import make_stepper  # it builds on this module's train_step
+
     entered = time.time()  # wall clock, comparable with the driver's: start-up is measured across processes
     cfg = ExperimentConfig.model_validate(config["experiment"])
     spec = FeatureSpec.model_validate(config["spec"])
@@ -275,23 +277,33 @@ def worker_loop(config: dict[str, Any]) -> None:
         return watched_batches(iter(stream), cfg.train.stall_timeout_s, min(1.0, cfg.train.data_cpus))
 
     parts.model.train()
+    stepper = make_stepper(cfg.train.step_pipeline, parts, device, [t.name for t in spec.tasks])
     first_batch_at = 0.0
+
+    def timed(batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Start-up ends when the first batch is in hand: it is reported apart, the loop's clock starts there (the
+        sparse_dist stepper takes its first batches inside its first step)."""
+        nonlocal first_batch_at, started, last_log
+        for batch in batches:
+            if not first_batch_at:
+                first_batch_at = time.time()
+                started = last_log = time.perf_counter()
+            yield batch
+
     while state.epoch < cfg.train.epochs and not done() and not state.stopped_early:
-        batches = batches_of(state.epoch)
+        epoch_batches = batches_of(state.epoch)
         epoch_start = True
-        # Resume mid-epoch: skip what the workers had consumed (a global count, valid for another worker count).
+        # Resume mid-epoch: skip what the workers had trained (a global count, valid for another worker count).
         for _ in range(state.epoch_samples // per_step):
-            next(batches, None)
+            next(epoch_batches, None)
+        batches = timed(epoch_batches)
         while not done():
             # No per-step agreement that every rank has a batch: Ray Train splits the dataset with
             # streaming_split(equal=True) and batches drop the last partial one, so all ranks run out together.
-            batch = next(batches, None)
-            if batch is None:
+            result = stepper.step(batches)
+            if result is None:
                 break
-            if not first_batch_at:  # start-up ends here: it is reported apart, the loop's clock starts now
-                first_batch_at = time.time()
-                started = last_log = time.perf_counter()
-            total, losses, diagnostics = train_step(parts, batch.to(device, non_blocking=True))
+            total, losses, diagnostics = result
             if diagnostics:
                 state.diagnostics.append({"step": state.step + 1, **diagnostics})
             state.step += 1
@@ -317,6 +329,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                     )
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
                 _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
+        stepper.pause()  # the model's own forward back, for validation (and after the last step)
         if not done():
             state.epoch += 1
             state.epoch_samples = 0

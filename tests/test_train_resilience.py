@@ -94,6 +94,19 @@ def test_resume_is_exact(straight: Straight, tmp_path: Path) -> None:
     _assert_same_weights(_weights(resumed), straight.weights)
 
 
+def test_sparse_dist_pipeline_half_then_resumed_matches_plain_straight(straight: Straight, tmp_path: Path) -> None:
+    """train.step_pipeline=sparse_dist through the worker loop: N/2 steps (stopping mid-epoch with batches prefetched
+    but not trained), resume to N across an epoch end: the same weights as the plain loop's N steps straight."""
+    ingested = _copy_inputs(straight.cfg.run_dir, tmp_path)
+    piped = "train.step_pipeline=sparse_dist"
+    half = train(_cfg(tmp_path, f"train.max_steps={STEPS // 2}", piped), ingested)
+    assert half.steps == STEPS // 2
+    resumed = train(_cfg(tmp_path, f"train.max_steps={STEPS}", piped), ingested)
+    assert resumed.resumed_from_step == STEPS // 2 and resumed.epochs >= 1, "the run should cross an epoch end"
+    assert resumed.steps == STEPS and resumed.samples == straight.result.samples
+    _assert_same_weights(_weights(resumed), straight.weights)
+
+
 def test_resume_on_another_worker_count_reshards(straight: Straight, tmp_path: Path) -> None:
     """DCP loads by global offsets: the state saved by 2 workers loads onto 1 worker unchanged."""
     run_dir = tmp_path / "run"
