@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def run_ours(tag: str, materialize: str, args: argparse.Namespace) -> dict[str, 
     from pipeline.train import train
 
     run_dir = args.runs / tag
+    # A fresh folder: a model already registered in an earlier run's store would skip registration's work.
+    shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(
         CONFIG,
         [

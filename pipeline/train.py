@@ -45,9 +45,9 @@ from pipeline.progress import (
 )
 from pipeline.results import StageResult
 from pipeline.runtime import ensure_ray, verbose
-from pipeline.train_worker import VALIDATION_FILE, worker_loop
+from pipeline.train_worker import worker_loop
 from pipeline.validation import resolve_monitor
-from pipeline.worker_state import DCP_DIR
+from pipeline.worker_state import DCP_DIR, VALIDATION_FILE
 
 
 @dataclass(frozen=True)

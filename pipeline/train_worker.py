@@ -24,9 +24,7 @@ from features.spec import FeatureSpec
 from features.stats import DenseStats
 from features.transform import BatchTransform
 from models.gradients import GradientMethod, build_gradient_method, head_config
-from models.io import MODEL_FILE
 from models.multitask import MultiTaskLoss, set_output_bias
-from pipeline.checkpoint_files import move_into_storage, staging_folder
 from pipeline.config import ExperimentConfig
 from pipeline.logs import redirect_process_output
 from pipeline.progress import (
@@ -39,12 +37,11 @@ from pipeline.worker_state import (
     TrainState,
     load_best,
     load_checkpoint,
-    save_checkpoint,
+    report_checkpoint,
+    report_final,
     snapshot_model,
     warm_start,
 )
-
-VALIDATION_FILE = "validation_curve.json"
 
 
 @dataclass
@@ -132,19 +129,6 @@ def arrow_collate(spec: FeatureSpec, stats: DenseStats, pin_memory: bool = False
             return out.pin_memory() if pin_memory else out
 
     return _Collate()
-
-
-def _report(parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, Any] | None) -> None:
-    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (with a
-    validation window): this rank's shards of the best epoch's model travel in every checkpoint, so a resumed run
-    still has them."""
-    import ray.train
-
-    state.checkpoints += 1
-    with staging_folder() as folder:
-        save_checkpoint(parts, state, folder, best)
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
 
 
 def _validate_epoch(
@@ -328,7 +312,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                         {"step": state.step, "epoch": state.epoch, "samples_per_s": rate, "loss": point["total"]},
                     )
             if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
-                _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
+                report_checkpoint(parts, state, {"step": state.step, "epoch": state.epoch}, best)
         stepper.pause()  # the model's own forward back, for validation (and after the last step)
         if not done():
             state.epoch += 1
@@ -344,7 +328,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if state.epoch < cfg.train.epochs and not done() and not state.stopped_early:
                 # Not after the last epoch: the final checkpoint follows at once with the same state (at large
                 # tables a second full write).
-                _report(parts, state, {"step": state.step, "epoch": state.epoch}, best)
+                report_checkpoint(parts, state, {"step": state.step, "epoch": state.epoch}, best)
     loop_seconds = time.perf_counter() - started
 
     # With a validation window the best epoch's weights are the result (under "best" in the final checkpoint); the
@@ -382,7 +366,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         }
     else:
         metrics_extra = {}
-    _report_final(parts, state, metrics, metrics_extra if rank == 0 else None, best)
+    report_final(parts, state, metrics, metrics_extra if rank == 0 else None, best)
 
 
 def steady_rate(rates: list[dict[str, Any]]) -> float:
@@ -392,29 +376,3 @@ def steady_rate(rates: list[dict[str, Any]]) -> float:
 
     steady = [r["samples_per_s"] for r in rates if not r["epoch_start"]]
     return statistics.median(steady) if steady else 0.0
-
-
-def _report_final(
-    parts: TrainingParts,
-    state: TrainState,
-    metrics: dict[str, Any],
-    extra: dict[str, Any] | None,
-    best: dict[str, Any] | None,
-) -> None:
-    """The final checkpoint: the DCP state (every rank's shards, with ``best`` when a validation epoch improved) and,
-    from rank 0 (``extra``), the model description and run records. The driver exports the weights from it."""
-    import ray.train
-
-    state.checkpoints += 1
-    metrics["checkpoints"] = state.checkpoints
-    with staging_folder() as folder:
-        save_checkpoint(parts, state, folder, best)
-        if extra is not None:
-            (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
-            (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
-            (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
-            (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
-            (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
-            (folder / "summary.json").write_text(json.dumps(metrics))
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)

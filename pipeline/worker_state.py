@@ -18,14 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.io import WEIGHTS_FILE
+from models.io import MODEL_FILE, WEIGHTS_FILE
 from models.sharding import unwrapped_name
+from pipeline.checkpoint_files import move_into_storage, staging_folder
 from pipeline.export import BEST_PREFIX, MODEL_PREFIX, source_prefix, stored_dcp_keys, stored_tensors
 
 if TYPE_CHECKING:
     from pipeline.train_worker import TrainingParts
 
 STATE_FILE = "train_state.json"
+VALIDATION_FILE = "validation_curve.json"  # the validation window's per-epoch metrics, in the final checkpoint
 DCP_DIR = "dcp"
 # Where checkpoints written before the best epoch was kept in DCP hold it: rank 0's unsharded copy. Read, never written.
 LEGACY_BEST_FILE = "best_weights.safetensors"
@@ -218,3 +220,44 @@ def _load_from_safetensors(own: dict[str, Any], path: Path) -> None:
                     shard.tensor.copy_(whole[tuple(slice(o, o + n) for o, n in ranges)])
             else:
                 target.copy_(fh.get_tensor(name))
+
+
+def report_checkpoint(
+    parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, Any] | None
+) -> None:
+    """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (with a
+    validation window): this rank's shards of the best epoch's model travel in every checkpoint, so a resumed run
+    still has them."""
+    import ray.train
+
+    state.checkpoints += 1
+    with staging_folder() as folder:
+        save_checkpoint(parts, state, folder, best)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
+
+
+def report_final(
+    parts: TrainingParts,
+    state: TrainState,
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None,
+    best: dict[str, Any] | None,
+) -> None:
+    """The final checkpoint: the DCP state (every rank's shards, with ``best`` when a validation epoch improved) and,
+    from rank 0 (``extra``), the model description and run records. The driver exports the weights from it."""
+    import ray.train
+
+    state.checkpoints += 1
+    metrics["checkpoints"] = state.checkpoints
+    with staging_folder() as folder:
+        save_checkpoint(parts, state, folder, best)
+        if extra is not None:
+            (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
+            (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
+            (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
+            (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
+            (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
+            (folder / "summary.json").write_text(json.dumps(metrics))
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
