@@ -13,7 +13,7 @@ from features.spec import FeatureSpec
 from features.stats import DenseStats
 from models.config import ModelConfig
 from models.multitask import MultiTaskModel, build_model
-from models.serving import MODEL_FILE, WEIGHTS_FILE, has_meta_tensors, map_weights, read_model_folder
+from models.serving import MODEL_FILE, WEIGHTS_FILE, read_model_folder, with_mapped_weights
 
 __all__ = ["MODEL_FILE", "WEIGHTS_FILE", "LoadedModel", "load_model"]
 
@@ -31,7 +31,8 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
     loading a model folder never runs code from it.
 
     On the CPU the model is built on the meta device and its parameters become memory maps of the weights file
-    (:func:`map_weights`): a 100M-row model loads in no time and allocates nothing for its tables."""
+    (:func:`models.serving.with_mapped_weights`): a 100M-row model loads in no time and allocates nothing for its
+    tables."""
     model_dir = Path(model_dir)
     folder = read_model_folder(model_dir)
     device = device or torch.device("cpu")
@@ -39,12 +40,10 @@ def load_model(model_dir: str | Path, device: torch.device | None = None) -> Loa
         model = build_model(folder.spec, folder.model_config, device=device, drgrad=folder.drgrad)
         model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE), device=str(device)), strict=True)
     else:
-        state = map_weights(model_dir / WEIGHTS_FILE)
-        model = build_model(folder.spec, folder.model_config, device=torch.device("meta"), drgrad=folder.drgrad)
-        model.load_state_dict(state, strict=True, assign=True)
-        if has_meta_tensors(model):  # a module keeps a tensor outside its state: build it for real instead
-            model = build_model(folder.spec, folder.model_config, device=device, drgrad=folder.drgrad)
-            model.load_state_dict(state, strict=True, assign=True)
+        model = with_mapped_weights(
+            lambda on: build_model(folder.spec, folder.model_config, device=on, drgrad=folder.drgrad),
+            model_dir / WEIGHTS_FILE,
+        )
     model.eval()
     return LoadedModel(model=model, spec=folder.spec, stats=folder.stats, model_config=folder.model_config)
 

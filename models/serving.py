@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 import torch
@@ -190,11 +191,27 @@ def map_weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def has_meta_tensors(model: nn.Module) -> bool:
+def _has_meta_tensors(model: nn.Module) -> bool:
     """Whether a tensor of the model is still on the meta device after loading (one the state dict does not carry)."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
     return any(t.is_meta for t in tensors)
+
+
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
+def with_mapped_weights(build: Callable[[torch.device], _Model], path: Path) -> _Model:
+    """``build(device)``'s model holding the weights of the safetensors file at ``path`` as memory maps
+    (:func:`map_weights`): built on the meta device and assigned the maps, so its tables allocate nothing. Built on the
+    CPU instead (then assigned) when a module keeps a tensor outside its state dict."""
+    state = map_weights(path)
+    model = build(torch.device("meta"))
+    model.load_state_dict(state, strict=True, assign=True)
+    if _has_meta_tensors(model):
+        model = build(torch.device("cpu"))
+        model.load_state_dict(state, strict=True, assign=True)
+    return model
 
 
 def load_serving_model(model_dir: str | Path) -> ServedModel:
@@ -202,13 +219,12 @@ def load_serving_model(model_dir: str | Path) -> ServedModel:
     on the meta device, its parameters memory maps of the weights file (:func:`map_weights`): every serving process
     of one machine shares the tables' pages, and loading allocates nothing for them."""
     folder = read_model_folder(model_dir)
-    state = map_weights(Path(model_dir) / WEIGHTS_FILE)
-    with torch.device("meta"):
-        model = ServingModel(folder.spec, folder.model_config, folder.drgrad)
-    model.load_state_dict(state, strict=True, assign=True)
-    if has_meta_tensors(model):  # a module keeps a tensor outside its state: build it for real instead
-        model = ServingModel(folder.spec, folder.model_config, folder.drgrad)
-        model.load_state_dict(state, strict=True, assign=True)
+
+    def build(device: torch.device) -> ServingModel:
+        with device:
+            return ServingModel(folder.spec, folder.model_config, folder.drgrad)
+
+    model = with_mapped_weights(build, Path(model_dir) / WEIGHTS_FILE)
     model.eval()
     return ServedModel(model=model, folder=folder)
 

@@ -27,7 +27,7 @@ from torch import nn
 from features.batch import Batch
 from models.embeddings import SparseArch
 from models.sparse_output import SparseOutput
-from pipeline.train_worker import TrainingParts, train_step
+from pipeline.train_worker import TrainingParts, forward_losses, train_step
 
 StepResult = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]
 
@@ -59,18 +59,12 @@ class PlainStepper:
 
 def loss_forward(parts: TrainingParts, task_names: list[str]) -> Callable[[Batch | None], tuple[torch.Tensor, Any]]:
     """The pipeline's forward: the model, then the per-task losses stacked in ``task_names`` order (the pipeline
-    passes one tensor to ``_backward``); the outputs go back to the caller of ``progress``. As
-    :func:`~pipeline.train_worker.train_step`: with ``parts.autocast`` the model runs in that dtype, the losses in fp32.
-    """
+    passes one tensor to ``_backward``); the outputs go back to the caller of ``progress``. As in the plain step
+    (:func:`~pipeline.train_worker.forward_losses`)."""
 
     def forward(batch: Batch | None) -> tuple[torch.Tensor, Any]:
         assert batch is not None  # the pipeline calls the forward only with a batch in hand
-        if parts.autocast is None:
-            outputs = parts.model(batch)
-        else:
-            with torch.autocast(batch.dense.device.type, dtype=parts.autocast):
-                outputs = {k: v.float() for k, v in parts.model(batch).items()}
-        losses = parts.loss_fn.task_losses(outputs, batch.labels)
+        outputs, losses = forward_losses(parts, batch)
         return torch.stack([losses[t] for t in task_names]), outputs
 
     return forward

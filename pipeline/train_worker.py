@@ -96,16 +96,21 @@ def build_training(
     )
 
 
-def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """One optimisation step; the fused kernels update the embeddings inside backward. Returns the weighted total,
-    the per-task losses and the gradient method's diagnostics (empty on most steps). With ``parts.autocast`` the
-    forward's dense layers run in that dtype (the embedding lookups stay fp32) and the losses are taken in fp32."""
+def forward_losses(parts: TrainingParts, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's outputs and the per-task losses. With ``parts.autocast`` the forward's dense layers run in that
+    dtype (the embedding lookups stay fp32) and the losses are taken in fp32."""
     if parts.autocast is None:
         outputs = parts.model(batch)
     else:
         with torch.autocast(batch.dense.device.type, dtype=parts.autocast):
             outputs = {k: v.float() for k, v in parts.model(batch).items()}
-    losses = parts.loss_fn.task_losses(outputs, batch.labels)
+    return outputs, parts.loss_fn.task_losses(outputs, batch.labels)
+
+
+def train_step(parts: TrainingParts, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    """One optimisation step; the fused kernels update the embeddings inside backward. Returns the weighted total,
+    the per-task losses and the gradient method's diagnostics (empty on most steps)."""
+    _, losses = forward_losses(parts, batch)
     parts.optimizer.zero_grad()
     diagnostics = parts.method.backward(losses)
     parts.optimizer.step()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import traceback
 from itertools import chain
 from pathlib import Path
@@ -40,6 +39,7 @@ from pipeline.step_pipeline import make_stepper
 from pipeline.train import train
 from pipeline.train_worker import build_training
 from tests.conftest import small_config
+from tests.ray_nodes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -155,12 +155,6 @@ def _worker(rank: int, port: int, data_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sparse_dist_pipeline_trains_as_the_plain_step(tmp_path: Path) -> None:
     gen = GeneratorConfig(seed=4, num_days=2, impressions_per_day=1500, num_users=60, num_items=400, conflict=1.0)
     result = generate_logs(gen, tmp_path / "logs", tmp_path / "oracle.parquet")
@@ -168,7 +162,7 @@ def test_sparse_dist_pipeline_trains_as_the_plain_step(tmp_path: Path) -> None:
     data_path = tmp_path / "rows.parquet"
     pq.write_table(pa.concat_tables([pq.read_table(f) for f in result.files]).slice(0, rows), data_path)
     try:
-        mp.spawn(_worker, args=(_free_port(), str(data_path), str(tmp_path)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), str(data_path), str(tmp_path)), nprocs=WORLD, join=True)
     finally:
         reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for report in reports:
