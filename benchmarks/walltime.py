@@ -56,6 +56,7 @@ def run_ours(tag: str, materialize: str, args: argparse.Namespace) -> dict[str, 
             f"train.epochs={args.epochs}",
             f"train.validation.patience={args.epochs + 1}",
             f"train.materialize={materialize}",
+            *args.set,
             f"train.seed={args.seed}",
         ],
     )
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "runs" / "census" / "data")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "walltime")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "walltime.json")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for our runs (repeatable)"
+    )
     args = parser.parse_args()
     args.data, args.runs = args.data.resolve(), args.runs.resolve()
     load = [os.getloadavg()[0]]
