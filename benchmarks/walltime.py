@@ -7,10 +7,10 @@ the same data, epochs and batch size, in one run.
 
 Ours: ``configs/experiments/census.yaml`` with ``train.epochs`` fixed (the validation window is still scored at every
 epoch end and picks the kept epoch, but never stops the run early), each stage called as ``mtrec run`` calls it, in a
-fresh run folder: Ray start, ingest, train (start-up, loop, epoch ends), evaluate, register (MLflow on SQLite). Once
-with ``train.materialize: never`` (every epoch streams the files and redoes the seeded global shuffle) and once with
-the default ``auto``. The training loop's figures come from the run itself: samples/s over the whole loop, the steady
-state (median log window, each epoch's first excluded) and their ratio.
+fresh run folder and a local Ray of its own: Ray start, ingest, train (start-up, loop, epoch ends), evaluate, register
+(MLflow on SQLite). Once with ``train.materialize: never`` (every epoch streams the files and redoes the seeded global
+shuffle) and once with the default ``auto``. The training loop's figures come from the run itself: samples/s over the
+whole loop, the steady state (median log window, each epoch's first excluded) and their ratio.
 
 The peer: torch-rechub's MMOE with the same sizes, trained by its ``MTLTrainer.train_one_epoch`` on its
 ``DataLoader`` (``benchmarks/peers.py``, Adam 1e-3: its best rate on the validation window), with every core
@@ -60,6 +60,11 @@ def run_ours(tag: str, materialize: str, args: argparse.Namespace) -> dict[str, 
             f"train.seed={args.seed}",
         ],
     )
+    import ray
+
+    # Each run starts its own local Ray, as `mtrec run` does: a Ray left running by the run before would hide that.
+    if ray.is_initialized():
+        ray.shutdown()
     stages: dict[str, float] = {}
     job = time.perf_counter()
     t = time.perf_counter()

@@ -1,6 +1,7 @@
 """Train stage: Ray Train ``TorchTrainer`` workers, each wrapping the spec-built model in TorchRec's
-``DistributedModelParallel`` (tables sharded by the planner, fused embedding optimizer), fed by Ray Data streaming
-shards of the validated training window.
+``DistributedModelParallel`` (tables sharded by the planner, fused embedding optimizer), fed by equal Ray Data shards
+of the validated training window, streamed from the files or read once into the object store
+(:mod:`pipeline.train_windows`).
 
 Checkpoints (every ``train.checkpoint_every_steps`` steps and at each epoch end) are ``torch.distributed.checkpoint``
 folders holding tensors only: the sharded model state, the fused embedding optimizer's state and the dense
@@ -24,7 +25,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow.parquet as pq
 
@@ -48,6 +49,9 @@ from pipeline.runtime import ensure_ray, verbose
 from pipeline.train_worker import worker_loop
 from pipeline.validation import resolve_monitor
 from pipeline.worker_state import DCP_DIR, VALIDATION_FILE
+
+if TYPE_CHECKING:
+    from pipeline.resources import TrainingNeeds
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,33 @@ def worker_config(
     }
 
 
+def read_windows(cfg: ExperimentConfig, ingested: IngestResult, needs: TrainingNeeds) -> tuple[dict[str, Any], bool]:
+    """The training window (and the validation window, split equally over the workers like it) as Ray Datasets, and
+    whether they were materialised (``train.materialize``, see :mod:`pipeline.train_windows`)."""
+    import ray.data
+
+    from pipeline.train_windows import WindowSource, read_materialized
+
+    seed = cfg.train.seed if cfg.train.shuffle == "global" else None
+    # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
+    sources = {"train": WindowSource(ingested.train_files, seed)}
+    if ingested.validation_files:
+        sources["validation"] = WindowSource(ingested.validation_files, None)
+    all_files = [f for source in sources.values() for f in source.files]
+    if should_materialize(cfg.train.materialize, all_files, object_store_bytes()):
+        # Once, here: every epoch would otherwise read the files (and redo the seeded shuffle, to the same order).
+        world = cfg.train.num_workers
+        return {
+            name: read_materialized(source, 2 * window_bytes(source.files), world, needs.read_task_cpus)
+            for name, source in sources.items()
+        }, True
+    datasets: dict[str, Any] = {}
+    for name, source in sources.items():
+        dataset = ray.data.read_parquet(source.files, num_cpus=needs.read_task_cpus)
+        datasets[name] = dataset.random_shuffle(seed=seed) if source.shuffle_seed is not None else dataset
+    return datasets, False
+
+
 def train(
     cfg: ExperimentConfig,
     ingested: IngestResult,
@@ -217,6 +248,7 @@ def train(
     from ray.train.v2.api.config import FailureConfig  # Ray Train v2's, with controller_failure_limit
 
     from pipeline.resources import check_cluster, controller_settings, explain_training_failure
+    from pipeline.train_windows import EqualSplitsOfMaterialized
 
     prepare_started = time.time()
     accounting = check_trainable(cfg, ingested)
@@ -234,22 +266,7 @@ def train(
     identity = CheckpointIdentity.of(cfg, ingested.window_key())
     prepare_checkpoints(storage / run_name, identity, fresh)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # reproducible batch order
-    dataset = ray.data.read_parquet(ingested.train_files, ray_remote_args={"num_cpus": needs.read_task_cpus})
-    if cfg.train.shuffle == "global":
-        # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
-        dataset = dataset.random_shuffle(seed=cfg.train.seed)
-    datasets: dict[str, Any] = {"train": dataset}
-    if ingested.validation_files:
-        # Split equally over the workers like the training window (each scores its share at every epoch end).
-        datasets["validation"] = ray.data.read_parquet(
-            ingested.validation_files, ray_remote_args={"num_cpus": needs.read_task_cpus}
-        )
-    materialized = should_materialize(
-        cfg.train.materialize, [*ingested.train_files, *ingested.validation_files], object_store_bytes()
-    )
-    if materialized:
-        # Once, here: every epoch would otherwise read the files (and redo the seeded shuffle, to the same order).
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    datasets, materialized = read_windows(cfg, ingested, needs)
     label_table = pq.read_table(ingested.train_files, columns=spec.label_columns)  # label columns only
     priors = output_bias_priors(spec, BatchTransform(spec, ingested.stats).labels_numpy(label_table))
     trainer = TorchTrainer(
@@ -271,6 +288,7 @@ def train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
         ),
         datasets=datasets,
+        dataset_config=EqualSplitsOfMaterialized(),
     )
     steps = accounting.steps_per_epoch * cfg.train.epochs
     progress.total(min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps, "steps")

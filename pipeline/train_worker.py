@@ -287,8 +287,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             next(epoch_batches, None)
         batches = timed(epoch_batches)
         while not done():
-            # No per-step agreement that every rank has a batch: Ray Train splits the dataset with
-            # streaming_split(equal=True) and batches drop the last partial one, so all ranks run out together.
+            # No per-step agreement that every rank has a batch: every rank gets rows // world rows (an equal split,
+            # pipeline.train_windows) and batches drop the last partial one, so all ranks run out together.
             result = stepper.step(batches)
             if result is None:
                 break
