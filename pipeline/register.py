@@ -421,24 +421,29 @@ def _log_run(
         meta_model = build_model(spec, cfg.model, torch.device("meta"), head_config(cfg.gradients))
         report = parameter_report(meta_model, spec, cfg.model)
         metrics.update({f"params.{k}": v for k, v in report.items()})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
-        for point in curve:
-            mlflow.log_metrics(
-                {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}, step=int(point["step"])
-            )
-        for point in trained.validation:  # the validation window per epoch: the curve that chose the weights
-            values = {
-                _metric_key("validation", name, k): float(v)
-                for name, m in point["metrics"].items()
-                for k, v in m.items()
-                if k != "rows"
-            }
-            mlflow.log_metrics(values, step=int(point["epoch"]))
         if trained.validation:
-            mlflow.log_metrics({"train.best_epoch": trained.best_epoch, "train.epochs": trained.epochs})
+            metrics.update({"train.best_epoch": trained.best_epoch, "train.epochs": trained.epochs})
             mlflow.log_dict({"validation": trained.validation}, "train/validation_curve.json")
-        _log_gradient_diagnostics(client, run.info.run_id, Path(trained.model_dir))
+
+        def log_metrics(model_id: str) -> None:
+            """After the model: MLflow links a run's earlier metrics to a newly logged model by fetching each one's
+            history (a request per metric, each paying the server's authentication); logged with the model's id,
+            they are linked in the same batched requests that log them."""
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model_id)
+            curve = json.loads((Path(trained.model_dir) / "training_curve.json").read_text())
+            for point in curve:
+                losses = {f"train_loss.{k}": v for k, v in point.items() if k not in ("step", "epoch")}
+                mlflow.log_metrics(losses, step=int(point["step"]), model_id=model_id)
+            for point in trained.validation:  # the validation window per epoch: the curve that chose the weights
+                values = {
+                    _metric_key("validation", name, k): float(v)
+                    for name, m in point["metrics"].items()
+                    for k, v in m.items()
+                    if k != "rows"
+                }
+                mlflow.log_metrics(values, step=int(point["epoch"]), model_id=model_id)
+            _log_gradient_diagnostics(client, run.info.run_id, Path(trained.model_dir))
+
         mlflow.log_dict(config, "config/experiment.json")
         mlflow.log_artifact(str(cfg.features), "config")
         mlflow.log_dict(dict(ingested.counts), "data/counts.json")
@@ -506,5 +511,6 @@ def _log_run(
                 signature=model_signature(spec),
                 input_example=example,
             )
+        log_metrics(info.model_id)
         mlflow.set_tag(LOGGED_MODEL_TAG, info.model_uri)
     return run.info.run_id, info.model_uri

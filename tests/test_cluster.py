@@ -380,11 +380,11 @@ def test_lost_worker_node_resumes_on_a_replacement_with_the_same_steps(two_nodes
 
 @pytest.mark.slow
 def test_lost_worker_node_without_replacement_fails_after_the_wait(two_nodes: TwoNodes, tmp_path: Path) -> None:
-    job_id = _start_train(two_nodes, tmp_path, "train.resource_wait_s=30")
+    job_id = _start_train(two_nodes, tmp_path, "train.resource_wait_s=10")
     two_nodes.workers[-1].kill(signal.SIGKILL)
     lost_at = time.monotonic()
     status, logs = _follow(two_nodes.dashboard, job_id, JOB_TIMEOUT_S)
     assert status == "FAILED", logs[-4000:]
-    assert "did not get their resources within train.resource_wait_s=30s" in logs, logs[-4000:]
+    assert "did not get their resources within train.resource_wait_s=10s" in logs, logs[-4000:]
     assert "add a node" in logs
     print(f"failed {time.monotonic() - lost_at:.0f}s after the node was lost")

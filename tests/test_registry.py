@@ -304,6 +304,10 @@ def test_register_is_idempotent_with_card_plots_signature(champion_a: Any) -> No
     assert version.tags["registration"] == "complete" and version.tags["model_hash"]
     assert client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger").version == "1"
     assert "version 1" in version.description and "ctr" in version.description
+    # The logged model carries the run's metrics (MLflow's model view): the evaluation's and the loss curve.
+    (output,) = client.get_run(first.run_id).outputs.model_outputs
+    linked = {m.key for m in client.get_logged_model(output.model_id).metrics or []}
+    assert "ctr.auc" in linked and any(key.startswith("train_loss.") for key in linked), sorted(linked)[:20]
 
     artifacts = {a.path for d in ("card", "plots", "eval") for a in client.list_artifacts(first.run_id, d)}
     for path in ("card/model_card.md", "card/summary.md", "eval/metrics.json"):
