@@ -51,13 +51,13 @@ class EqualSplitsOfMaterialized(ray.train.DataConfig):
             if streamed
             else [{} for _ in range(world_size)]
         )
-        hints = worker_node_ids if worker_node_ids and len(set(worker_node_ids)) > 1 else None
         for name, ds in datasets.items():
             if name in streamed:
                 continue
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
-            for rank, part in enumerate(ds.split(world_size, equal=True, locality_hints=hints)):
+            # No locality hints: Dataset.split takes them as actor handles, Ray Train hands node ids.
+            for rank, part in enumerate(ds.split(world_size, equal=True)):
                 output[rank][name] = part.iterator()
         return output
 

@@ -24,8 +24,10 @@ def test_ray_train_splits_give_every_rank_the_same_batch_count(
     if materialized:
         dataset = dataset.materialize()
     # The splitter TorchTrainer uses for the worker shards (the train stage's data config).
+    # Workers on two nodes, as Ray Train names them to the data config (node ids; the streaming split's hints).
+    nodes = [f"node-{rank % 2}" for rank in range(world)] if materialized else None
     splits = EqualSplitsOfMaterialized().configure(
-        {"train": dataset}, world_size=world, worker_handles=None, worker_node_ids=None
+        {"train": dataset}, world_size=world, worker_handles=None, worker_node_ids=nodes
     )
 
     # The consumers hold no CPU, like Ray Train's workers leave room for the read tasks: with one CPU each, a node
