@@ -205,9 +205,7 @@ def worker_config(
 def read_windows(cfg: ExperimentConfig, ingested: IngestResult, needs: TrainingNeeds) -> tuple[dict[str, Any], bool]:
     """The training window (and the validation window, split equally over the workers like it) as Ray Datasets, and
     whether they were materialised (``train.materialize``, see :mod:`pipeline.train_windows`)."""
-    import ray.data
-
-    from pipeline.train_windows import WindowSource, read_materialized
+    from pipeline.train_windows import WindowSource, read_materialized, read_with_ray_data
 
     seed = cfg.train.seed if cfg.train.shuffle == "global" else None
     # Seeded, so the order is reproducible (resume); the workers' shuffle buffers still vary it per epoch.
@@ -222,11 +220,7 @@ def read_windows(cfg: ExperimentConfig, ingested: IngestResult, needs: TrainingN
             name: read_materialized(source, 2 * window_bytes(source.files), world, needs.read_task_cpus)
             for name, source in sources.items()
         }, True
-    datasets: dict[str, Any] = {}
-    for name, source in sources.items():
-        dataset = ray.data.read_parquet(source.files, num_cpus=needs.read_task_cpus)
-        datasets[name] = dataset.random_shuffle(seed=seed) if source.shuffle_seed is not None else dataset
-    return datasets, False
+    return {name: read_with_ray_data(source, needs.read_task_cpus) for name, source in sources.items()}, False
 
 
 def train(

@@ -93,6 +93,14 @@ def largest_node_memory() -> float:
     return max((node.memory for node in alive_nodes()), default=0.0)
 
 
+def read_with_ray_data(source: WindowSource, read_cpus: float) -> Dataset:
+    """The window as Ray Data's lazy read, with its seeded distributed shuffle when the source has a seed."""
+    import ray.data
+
+    dataset = ray.data.read_parquet(source.files, num_cpus=read_cpus)
+    return dataset.random_shuffle(seed=source.shuffle_seed) if source.shuffle_seed is not None else dataset
+
+
 @dataclass(frozen=True)
 class BlocksInStore:
     """A window being read into the object store by one task (its blocks' refs), made a dataset where Ray Train calls
@@ -112,14 +120,10 @@ def read_materialized(
     """The window in the object store: one pyarrow task when a node has the memory for it (started, not awaited),
     otherwise Ray Data's distributed read (and seeded shuffle), materialised here."""
     import ray
-    import ray.data
 
     needed = ONE_TASK_MEMORY_FACTOR * decoded_bytes
     if needed > largest_node_memory():
-        dataset = ray.data.read_parquet(source.files, num_cpus=read_cpus)
-        if source.shuffle_seed is not None:
-            dataset = dataset.random_shuffle(seed=source.shuffle_seed)
-        return dataset.materialize()
+        return read_with_ray_data(source, read_cpus).materialize()
     blocks = block_count(decoded_bytes, world)
     task = ray.remote(_read_in_one_task).options(num_returns=blocks, num_cpus=read_cpus, memory=needed or None)
     refs: Any = task.remote(source.files, source.shuffle_seed, blocks)  # one ref per block (num_returns)

@@ -223,16 +223,22 @@ def _load_from_safetensors(own: dict[str, Any], path: Path) -> None:
 
 
 def report_checkpoint(
-    parts: TrainingParts, state: TrainState, metrics: dict[str, Any], best: dict[str, Any] | None
+    parts: TrainingParts,
+    state: TrainState,
+    metrics: dict[str, Any],
+    best: dict[str, Any] | None,
+    records: dict[str, str] | None = None,
 ) -> None:
     """Checkpoint through Ray Train: every rank reports its own folder, Ray merges them into one. ``best`` (with a
     validation window): this rank's shards of the best epoch's model travel in every checkpoint, so a resumed run
-    still has them."""
+    still has them. ``records``: files (name -> text) written beside the state."""
     import ray.train
 
     state.checkpoints += 1
     with staging_folder() as folder:
         save_checkpoint(parts, state, folder, best)
+        for name, text in (records or {}).items():
+            (folder / name).write_text(text)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
 
@@ -246,18 +252,15 @@ def report_final(
 ) -> None:
     """The final checkpoint: the DCP state (every rank's shards, with ``best`` when a validation epoch improved) and,
     from rank 0 (``extra``), the model description and run records. The driver exports the weights from it."""
-    import ray.train
-
-    state.checkpoints += 1
-    metrics["checkpoints"] = state.checkpoints
-    with staging_folder() as folder:
-        save_checkpoint(parts, state, folder, best)
-        if extra is not None:
-            (folder / MODEL_FILE).write_text(json.dumps(extra["description"], indent=2))
-            (folder / "plan.json").write_text(json.dumps(extra["plan"], indent=2))
-            (folder / "training_curve.json").write_text(json.dumps(extra["curve"]))
-            (folder / "gradient_diagnostics.json").write_text(json.dumps(extra["diagnostics"]))
-            (folder / VALIDATION_FILE).write_text(json.dumps(extra["validation"]))
-            (folder / "summary.json").write_text(json.dumps(metrics))
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=move_into_storage)
+    metrics["checkpoints"] = state.checkpoints + 1  # this one included
+    records = None
+    if extra is not None:
+        records = {
+            MODEL_FILE: json.dumps(extra["description"], indent=2),
+            "plan.json": json.dumps(extra["plan"], indent=2),
+            "training_curve.json": json.dumps(extra["curve"]),
+            "gradient_diagnostics.json": json.dumps(extra["diagnostics"]),
+            VALIDATION_FILE: json.dumps(extra["validation"]),
+            "summary.json": json.dumps(metrics),
+        }
+    report_checkpoint(parts, state, metrics, best, records)
